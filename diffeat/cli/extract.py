@@ -1,0 +1,71 @@
+"""``diffeat extract``: images -> frozen U-Net -> pooled block features -> feature store."""
+
+from __future__ import annotations
+
+import click
+
+from diffeat.cli.options import echo_json, parse_int_list, storage_options
+
+
+@click.command()
+@click.option("--dataset", required=True, help="Dataset layout: cub, nabirds, flowers, aircraft, cars, dogs, "
+              "imagefolder, imagenet, digits (built in).")
+@click.option("--root", type=click.Path(file_okay=False), help="Dataset root folder (not needed for digits).")
+@click.option("--model", required=True, help="diffusers folder, built-in name, random:<arch>, or a cached hub id.")
+@click.option("--block", "blocks", multiple=True, required=True, help="Block number(s), 1-based as in the paper "
+              "(repeat, or 19,24, or 20-30).")
+@click.option("--t", "ts", multiple=True, required=True, help="Diffusion timestep(s) 0..999 (repeat or comma list).")
+@click.option("--pool", "pools", multiple=True, default=("1",), show_default=True,
+              help="Adaptive average pool size(s) k (features are C x k x k).")
+@click.option("--store", required=True, help="Feature store: a path or fsspec URL (s3://bucket/prefix).")
+@click.option("--storage-options", "storage_opts", help="JSON of fsspec options for a remote store.")
+@click.option("--split", "splits", multiple=True, help="Split(s) to extract (default: the dataset's standard "
+              "train and test splits; 'all' for every split).")
+@click.option("--classes", type=click.Path(dir_okay=False, exists=True), help="imagenet only: file of wnids to keep.")
+@click.option("--batch-size", default=32, show_default=True, type=int)
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
+@click.option("--dtype", default="float32", show_default=True,
+              type=click.Choice(["float32", "bfloat16", "float16"]), help="Compute precision of the U-Net.")
+@click.option("--store-dtype", default="float16", show_default=True, type=click.Choice(["float16", "float32"]))
+@click.option("--num-workers", type=int, help="Loader worker processes (default: auto).")
+@click.option("--seed", default=0, show_default=True, type=int, help="Noise seed (noise is per sample id and t).")
+@click.option("--noise-draws", default=1, show_default=True, type=int, help="Average features over this many "
+              "noise draws.")
+@click.option("--limit", type=int, help="Only the first N samples of each split (a dry run).")
+@click.option("--resolution", type=int, help="Input resolution (default: the model's sample size).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def extract(dataset, root, model, blocks, ts, pools, store, storage_opts, splits, classes, batch_size, device, dtype,
+            store_dtype, num_workers, seed, noise_draws, limit, resolution, as_json):
+    """Extract pooled block features of a dataset into a feature store.
+
+    One forward pass per batch and t captures every --block and stops after the
+    deepest; settings already complete in the store are skipped, interrupted ones
+    resume.
+
+    \b
+    Example:
+      diffeat extract --dataset cub --root /data/CUB_200_2011 --model /models/adm256 \\
+          --block 24 --t 90 --t 150 --pool 1 --pool 2 --store feats.zarr
+    """
+    from diffeat.extract import extract as run_extract
+    from diffeat.store import open_store
+
+    fs = open_store(store, mode="a", storage_options=storage_options(storage_opts))
+    report = run_extract(
+        dataset=dataset, root=root, model=model, blocks=parse_int_list(blocks, "--block"),
+        ts=parse_int_list(ts, "--t"), pools=parse_int_list(pools, "--pool"), store=fs, splits=list(splits) or None,
+        classes=classes, batch_size=batch_size, device=device, dtype=dtype, store_dtype=store_dtype,
+        num_workers=num_workers, seed=seed, noise_draws=noise_draws, limit=limit, resolution=resolution,
+    )
+    if as_json:
+        echo_json({"model": report.model, "dataset": report.dataset, "store": report.store,
+                   "images": report.images, "seconds": round(report.seconds, 3),
+                   "settings": [s.as_dict() for s in report.settings]})
+        return
+    for s in report.settings:
+        click.echo(f"{s.outcome:10s} {s.split:8s} block {s.block:>2} t {s.t:>3} pool {s.pool}  "
+                   f"{'x'.join(map(str, s.shape)):>18}  {s.path}")
+    if report.images:
+        click.echo(f"{report.images} images in {report.seconds:.1f} s ({report.images_per_second:.1f} img/s)")
+    else:
+        click.echo("all settings cached: no forward pass needed")

@@ -1,0 +1,263 @@
+"""Open a feature store and read settings from it (never writes when opened read-only)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import zarr
+
+from diffeat.errors import StoreError
+from diffeat.store.layout import STORE_FORMAT, check_name
+
+logger = logging.getLogger(__name__)
+
+
+def is_url(location: str) -> bool:
+    """True for an fsspec URL (``s3://``, ``gs://``, ``memory://`` ...), False for a local path."""
+    return "://" in location and not location.startswith("file://")
+
+
+def make_zarr_store(location: str, *, read_only: bool, storage_options: dict | None = None):
+    """A zarr store object for a path or fsspec URL."""
+    from zarr.storage import FsspecStore, LocalStore
+
+    if is_url(location):
+        return FsspecStore.from_url(location, storage_options=storage_options or {}, read_only=read_only)
+    path = location[len("file://"):] if location.startswith("file://") else location
+    return LocalStore(os.path.abspath(os.path.expanduser(path)), read_only=read_only)
+
+
+@dataclass(frozen=True)
+class SettingInfo:
+    """One feature array of the store, as listed by ``diffeat ls``."""
+
+    model: str
+    dataset: str
+    split: str
+    block: int | None
+    t: int | None
+    pool: int | None
+    name: str | None  # imported external features only
+    shape: tuple[int, ...]
+    dtype: str
+    status: str  # "complete" | "in_progress"
+    path: str  # array path inside the store
+    settings_hash: str = ""
+    created: str = ""
+    created_by: dict = field(default_factory=dict, compare=False)
+
+    def label(self) -> str:
+        """Short human label: ``b24/t90/p1``, or the import name."""
+        if self.name is not None:
+            return self.name
+        return f"b{self.block}/t{self.t}/p{self.pool}"
+
+    def as_dict(self) -> dict:
+        """JSON-friendly dict."""
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        return d
+
+
+def _info_from_array(path: str, arr: zarr.Array) -> SettingInfo | None:
+    meta = dict(arr.attrs).get("diffeat")
+    if not isinstance(meta, dict) or "setting" not in meta:
+        return None
+    s = meta["setting"]
+    return SettingInfo(
+        model=s["model"], dataset=s["dataset"], split=s["split"], block=s.get("block"), t=s.get("t"),
+        pool=s.get("pool"), name=s.get("name"), shape=tuple(arr.shape), dtype=str(arr.dtype),
+        status=meta.get("status", "in_progress"), path=path, settings_hash=meta.get("settings_hash", ""),
+        created=meta.get("created", ""), created_by=meta.get("created_by", {}),
+    )
+
+
+@dataclass
+class FeatureSet:
+    """One setting's features with its sample table: what probe and CKA read."""
+
+    info: SettingInfo
+    array: zarr.Array
+    ids: np.ndarray
+    labels: np.ndarray
+    class_names: list[str]
+    attrs: dict
+
+    def __len__(self) -> int:
+        return int(self.array.shape[0])
+
+    @property
+    def chunk_rows(self) -> int:
+        """Rows per stored chunk (reads aligned to it touch each chunk once)."""
+        shards = self.array.shards
+        return int((shards or self.array.chunks)[0])
+
+    @property
+    def nbytes(self) -> int:
+        """Uncompressed size in bytes."""
+        return int(np.prod(self.array.shape)) * self.array.dtype.itemsize
+
+    def load(self, dtype: np.dtype | type = np.float32) -> np.ndarray:
+        """Read every row into memory."""
+        return np.asarray(self.array[:], dtype=dtype)
+
+    def iter_blocks(self, rows: int = 4096, dtype: np.dtype | type = np.float32) -> Iterator[tuple[int, np.ndarray]]:
+        """Yield ``(start, block)`` over contiguous row blocks, aligned to whole chunks.
+
+        ``rows`` is rounded up to a multiple of the chunk rows, so each stored chunk
+        is decoded once; memory holds one block at a time (out-of-core).
+        """
+        step = max(self.chunk_rows, -(-rows // self.chunk_rows) * self.chunk_rows)
+        for lo in range(0, len(self), step):
+            yield lo, np.asarray(self.array[lo:lo + step], dtype=dtype)
+
+    def to_dask(self, rows: int = 4096):
+        """A dask array over the features, one dask chunk per ``rows`` rows (chunk-aligned)."""
+        import dask.array as da
+
+        step = max(self.chunk_rows, -(-rows // self.chunk_rows) * self.chunk_rows)
+        return da.from_zarr(self.array, chunks=(step,) + tuple(self.array.shape[1:]))
+
+
+class FeatureStore:
+    """A feature store at a path or fsspec URL.
+
+    ``mode="r"`` never writes (it works on read-only directories and read-only
+    credentials); ``mode="a"`` creates the store if needed (used by extract).
+    """
+
+    def __init__(self, location: str | Path, *, mode: str = "r", storage_options: dict | None = None):
+        self.location = str(location)
+        self.mode = mode
+        self.storage_options = storage_options
+        read_only = mode == "r"
+        if not read_only and not is_url(self.location):
+            _check_local_writable(self.location)
+        store = make_zarr_store(self.location, read_only=read_only, storage_options=storage_options)
+        try:
+            if read_only:
+                self.root = zarr.open_group(store=store, mode="r")
+            else:
+                self.root = zarr.open_group(store=store, mode="a")
+                if "diffeat" not in self.root.attrs:
+                    self.root.attrs["diffeat"] = {"store_format": STORE_FORMAT}
+        except FileNotFoundError as e:
+            raise StoreError(f"no feature store at {self.location} (run `diffeat extract --store ...` first)") from e
+        except PermissionError as e:
+            raise StoreError(f"feature store {self.location} is not writable: {e}") from e
+        fmt = dict(self.root.attrs).get("diffeat", {}).get("store_format")
+        if fmt is None:
+            raise StoreError(f"{self.location} is a Zarr group but not a diffeat feature store (no attrs.diffeat)")
+        if fmt > STORE_FORMAT:
+            raise StoreError(
+                f"{self.location} has store format {fmt}; this diffeat reads format {STORE_FORMAT}: upgrade diffeat"
+            )
+
+    def __repr__(self) -> str:
+        return f"FeatureStore({self.location!r}, mode={self.mode!r})"
+
+    # -- listing ------------------------------------------------------------------------------
+    def list_settings(self) -> list[SettingInfo]:
+        """Every feature array in the store, sorted by model, dataset, split, block, t, pool."""
+        if "features" not in self.root:
+            return []
+        out = []
+        for path, node in self.root["features"].members(max_depth=None):
+            if isinstance(node, zarr.Array) and path.endswith("data"):
+                info = _info_from_array(f"features/{path}", node)
+                if info is not None:
+                    out.append(info)
+        key = lambda s: (s.model, s.dataset, s.split, s.name or "", s.block or 0, s.t or 0, s.pool or 0)  # noqa: E731
+        return sorted(out, key=key)
+
+    def find(self, *, dataset: str, split: str, block: int | None = None, t: int | None = None,
+             pool: int | None = None, model: str | None = None, name: str | None = None) -> SettingInfo:
+        """The one setting that matches, or a ``StoreError`` saying what exists."""
+        candidates = [s for s in self.list_settings() if s.dataset == dataset and s.split == split]
+        wanted = {"model": model, "block": block, "t": t, "pool": pool, "name": name}
+        matches = [s for s in candidates if all(v is None or getattr(s, k) == v for k, v in wanted.items())]
+        if name is None:
+            matches = [s for s in matches if s.name is None]
+        if len(matches) == 1:
+            return matches[0]
+        asked = ", ".join(f"{k}={v}" for k, v in {"dataset": dataset, "split": split, **wanted}.items() if v is not None)
+        have = sorted({f"{s.model}:{s.label()}" for s in candidates})
+        if not matches:
+            raise StoreError(
+                f"no features for {asked} in {self.location}; for {dataset}/{split} it holds: "
+                f"{', '.join(have) if have else 'nothing'}"
+            )
+        raise StoreError(
+            f"{len(matches)} feature arrays match {asked} in {self.location}: "
+            + "; ".join(f"{s.path} shape={s.shape}" for s in matches)
+            + " (name the model with --model)"
+        )
+
+    # -- reading ------------------------------------------------------------------------------
+    def sample_table(self, dataset: str, split: str, manifest_sha256: str | None = None
+                     ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """``(ids, labels, class_names)`` of a dataset split stored in this store."""
+        base = f"datasets/{check_name(dataset, 'dataset')}/{check_name(split, 'split')}"
+        if base not in self.root:
+            raise StoreError(f"no sample table for {dataset}/{split} in {self.location}")
+        group = self.root[base]
+        keys = sorted(k for k, _ in group.groups())
+        if manifest_sha256 is not None:
+            keys = [k for k in keys if manifest_sha256.startswith(k)]
+        if len(keys) != 1:
+            raise StoreError(
+                f"{len(keys)} sample tables for {dataset}/{split} in {self.location}"
+                + ("" if keys else f" matching manifest {manifest_sha256}")
+            )
+        table = group[keys[0]]
+        ids = np.asarray(table["id"][:], dtype=str)
+        labels = np.asarray(table["label"][:], dtype=np.int64)
+        names = [str(c) for c in table["class_name"][:]]
+        return ids, labels, names
+
+    def open_features(self, *, dataset: str, split: str, block: int | None = None, t: int | None = None,
+                      pool: int | None = None, model: str | None = None, name: str | None = None,
+                      require_complete: bool = True) -> FeatureSet:
+        """Open one setting with its sample table (see ``find`` for matching)."""
+        info = self.find(dataset=dataset, split=split, block=block, t=t, pool=pool, model=model, name=name)
+        if require_complete and info.status != "complete":
+            raise StoreError(
+                f"features {info.path} are not complete (status {info.status!r}): finish them with "
+                "`diffeat extract` (it resumes) before reading"
+            )
+        array = zarr.open_array(store=self.root.store, path=info.path, mode="r")
+        meta = dict(array.attrs)["diffeat"]
+        ids, labels, classes = self.sample_table(dataset, split, meta.get("manifest_sha256"))
+        if len(ids) != array.shape[0]:
+            raise StoreError(f"{info.path} has {array.shape[0]} rows but its sample table has {len(ids)}")
+        return FeatureSet(info, array, ids, labels, classes, meta)
+
+
+def _check_local_writable(location: str) -> None:
+    path = Path(location[len("file://"):] if location.startswith("file://") else location).expanduser()
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not os.access(existing, os.W_OK):
+        raise StoreError(
+            f"feature store {location} is read-only ({existing} is not writable): "
+            "extract needs write access; probe, cka and ls work read-only"
+        )
+
+
+def open_store(location: str | Path, *, mode: str = "r", storage_options: dict | None = None) -> FeatureStore:
+    """Open the feature store at a path or fsspec URL (``mode="r"``: read-only)."""
+    if mode not in ("r", "a"):
+        raise StoreError(f"store mode must be 'r' or 'a', not {mode!r}")
+    return FeatureStore(location, mode=mode, storage_options=storage_options)
+
+
+def open_features(store: str | Path | FeatureStore, **keywords) -> FeatureSet:
+    """Open one setting of a store (path, URL or open ``FeatureStore``) read-only."""
+    fs = store if isinstance(store, FeatureStore) else open_store(store, mode="r")
+    return fs.open_features(**keywords)

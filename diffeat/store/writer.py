@@ -1,0 +1,230 @@
+"""Write feature settings into a store: whole units, a completion ledger, and publishing.
+
+Rules that keep a store honest (see docs/store-format.md):
+
+* a writer only ever writes whole units (a chunk, or a shard when sharded), in one
+  assignment, so no two writers share a chunk or shard object (zarr-python loses
+  data silently when they do);
+* after a unit's data is written its ledger flag ``done[u]`` is set, each flag being
+  its own object; a crash between the two only means the unit is redone, with
+  bitwise the same values (noise is seeded per sample);
+* ``status`` becomes ``"complete"`` only once every flag is set.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import getpass
+import logging
+import platform
+import queue
+import threading
+from dataclasses import dataclass, field
+
+import numpy as np
+import zarr
+
+from diffeat import __version__
+from diffeat.errors import StoreError
+from diffeat.store.layout import STORE_FORMAT, ChunkPlan, plan_chunks, table_path
+from diffeat.store.reader import FeatureStore
+
+logger = logging.getLogger(__name__)
+
+DIMENSIONS = ("sample", "channel", "y", "x")
+
+
+def now() -> str:
+    """UTC timestamp, ISO 8601."""
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def creator() -> dict:
+    """Who and where: recorded with every array."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = "unknown"
+    return {"user": user, "host": platform.node(), "diffeat": __version__}
+
+
+def compressors() -> list:
+    """blosc-lz4 with bitshuffle, then crc32c: cheap, and a corrupt chunk fails loudly on read."""
+    from zarr.codecs import BloscCodec, Crc32cCodec
+
+    return [BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle"), Crc32cCodec()]
+
+
+def write_sample_table(store: FeatureStore, table) -> str:
+    """Store a dataset split's sample table once (keyed by its manifest hash); return its path."""
+    digest = table.manifest_sha256()
+    path = table_path(table.dataset, table.split, digest)
+    if path in store.root and dict(store.root[path].attrs).get("diffeat", {}).get("complete"):
+        return path
+    group = store.root.require_group(path)
+    n, k = len(table), len(table.class_names)
+    for name, values, dims in (
+        ("id", np.array(table.ids, dtype=str), ("sample",)),
+        ("path", np.array(table.relpaths, dtype=str), ("sample",)),
+        ("label", np.asarray(table.labels, dtype=np.int64), ("sample",)),
+        ("class_name", np.array(table.class_names, dtype=str), ("class",)),
+    ):
+        arr = group.create_array(name, shape=values.shape, dtype=values.dtype if values.dtype.kind != "U" else str,
+                                 chunks=(max(1, len(values)),), dimension_names=dims, overwrite=True)
+        arr[:] = values
+    # Written last: a table is only trusted once all four arrays are in place.
+    group.attrs["diffeat"] = {
+        "dataset": table.dataset, "split": table.split, "manifest_sha256": digest, "n": n, "n_classes": k,
+        "root": str(table.root) if table.root is not None else None, "complete": True, "created": now(),
+    }
+    return path
+
+
+@dataclass
+class SettingWriter:
+    """Writes one setting (one feature array) unit by unit."""
+
+    array: zarr.Array
+    done: zarr.Array
+    plan: ChunkPlan
+    path: str
+    label: str
+    _buffers: dict[int, np.ndarray] = field(default_factory=dict)
+    _filled: dict[int, int] = field(default_factory=dict)
+    pending: set[int] = field(default_factory=set)
+
+    @classmethod
+    def open(cls, store: FeatureStore, path: str, shape: tuple[int, ...], dtype: str, attrs: dict,
+             label: str) -> SettingWriter:
+        """Create the setting's arrays, or reopen them to resume; ``pending`` lists units to do."""
+        row_bytes = int(np.prod(shape[1:])) * np.dtype(dtype).itemsize
+        plan = plan_chunks(shape[0], row_bytes)
+        data_path, done_path = f"{path}/data", f"{path}/done"
+        if data_path in store.root:
+            array = store.root[data_path]
+            if tuple(array.shape) != tuple(shape) or str(array.dtype) != dtype:
+                raise StoreError(
+                    f"{data_path} exists with shape {array.shape} {array.dtype}, expected {shape} {dtype}: "
+                    "the store is inconsistent; run `diffeat verify`"
+                )
+            done = store.root[done_path]
+        else:
+            group = store.root.require_group(path)
+            meta = {**attrs, "status": "in_progress", "created": now(), "created_by": creator(),
+                    "store_format": STORE_FORMAT,
+                    "layout": {"chunk_rows": plan.chunk_rows, "shard_rows": plan.shard_rows,
+                               "unit_rows": plan.unit_rows, "n_units": plan.n_units,
+                               "codecs": "blosc(lz4, 5, bitshuffle) + crc32c"}}
+            # The ledger first: an array without a ledger would look like it has nothing to resume.
+            done = group.create_array("done", shape=(plan.n_units,), dtype="uint8", chunks=(1,), fill_value=0,
+                                      dimension_names=("unit",))
+            chunk = (plan.chunk_rows,) + tuple(shape[1:])
+            shard = (plan.shard_rows,) + tuple(shape[1:]) if plan.shard_rows else None
+            array = group.create_array(
+                "data", shape=shape, dtype=dtype, chunks=chunk, shards=shard, compressors=compressors(),
+                fill_value=float("nan"), dimension_names=DIMENSIONS[: len(shape)], attributes={"diffeat": meta},
+            )
+        flags = np.asarray(done[:])
+        writer = cls(array, done, plan, data_path, label)
+        writer.pending = {u for u in range(plan.n_units) if not flags[u]}
+        return writer
+
+    @property
+    def status(self) -> str:
+        """The status recorded in the array's attributes."""
+        return dict(self.array.attrs)["diffeat"].get("status", "in_progress")
+
+    def rows_needed(self) -> np.ndarray:
+        """Row indices of every pending unit, ascending."""
+        parts = [np.arange(*self.plan.unit_range(u)) for u in sorted(self.pending)]
+        return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+    def add(self, rows: np.ndarray, values: np.ndarray) -> None:
+        """Buffer feature rows; every unit that becomes full is written and flagged."""
+        units = rows // self.plan.unit_rows
+        for u in np.unique(units):
+            u = int(u)
+            if u not in self.pending:
+                continue
+            lo, hi = self.plan.unit_range(u)
+            sel = units == u
+            buf = self._buffers.get(u)
+            if buf is None:
+                buf = self._buffers[u] = np.empty((hi - lo,) + self.array.shape[1:], dtype=self.array.dtype)
+                self._filled[u] = 0
+            buf[rows[sel] - lo] = _cast(values[sel], self.array.dtype, self.label, rows[sel])
+            self._filled[u] += int(sel.sum())
+            if self._filled[u] == hi - lo:
+                self._write_unit(u, lo, hi)
+
+    def _write_unit(self, u: int, lo: int, hi: int) -> None:
+        self.array[lo:hi] = self._buffers.pop(u)
+        self._filled.pop(u)
+        self.done[u] = 1  # only after the data object is in place
+        self.pending.discard(u)
+
+    def publish(self) -> bool:
+        """Mark the setting complete if every unit is flagged; return whether it is."""
+        flags = np.asarray(self.done[:])
+        if not flags.all():
+            return False
+        meta = dict(self.array.attrs)["diffeat"]
+        if meta.get("status") != "complete":
+            meta.update(status="complete", completed=now())
+            self.array.attrs["diffeat"] = meta
+        return True
+
+
+def _cast(values: np.ndarray, dtype: np.dtype, label: str, rows: np.ndarray) -> np.ndarray:
+    """Cast to the store dtype, refusing non-finite values instead of storing them."""
+    out = values.astype(dtype, copy=False)
+    finite = np.isfinite(out.reshape(len(out), -1)).all(axis=1)
+    if not finite.all():
+        bad = rows[~finite][:5].tolist()
+        src_finite = np.isfinite(values.reshape(len(values), -1)).all(axis=1)
+        why = (f"overflow when casting to {dtype} (use --store-dtype float32)" if src_finite[~finite].all()
+               else "the model produced NaN/inf")
+        raise StoreError(f"{label}: non-finite features for rows {bad}: {why}")
+    return out
+
+
+class BackgroundWriter:
+    """Runs ``SettingWriter.add`` in a thread so the forward never waits for zarr.
+
+    The queue is bounded so a slow store applies back-pressure instead of filling RAM.
+    An error in the thread is re-raised in the caller at the next ``put`` or ``close``.
+    """
+
+    def __init__(self, max_pending: int = 8):
+        self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="diffeat-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if self._error is not None:
+                continue  # drain after a failure
+            writer, rows, values = item
+            try:
+                writer.add(rows, values)
+            except BaseException as e:  # noqa: BLE001 - handed to the caller
+                self._error = e
+
+    def put(self, writer: SettingWriter, rows: np.ndarray, values: np.ndarray) -> None:
+        """Queue rows for ``writer`` (blocks when the queue is full)."""
+        self._raise()
+        self._queue.put((writer, rows, values))
+
+    def close(self) -> None:
+        """Wait until everything queued is written; re-raise a write error."""
+        self._queue.put(None)
+        self._thread.join()
+        self._raise()
+
+    def _raise(self) -> None:
+        if self._error is not None:
+            raise self._error
