@@ -18,6 +18,7 @@ COMMANDS: dict[str, str] = {
     "extract": "diffeat.cli.extract:extract",
     "ls": "diffeat.cli.ls:ls",
     "blocks": "diffeat.cli.blocks:blocks",
+    "convert-adm": "diffeat.cli.convert_adm:convert_adm",
     "env": "diffeat.cli.env:env",
 }
 

@@ -35,6 +35,7 @@ COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16
 STORE_DTYPES = ("float16", "float32")
 PREPROCESS = "guided-diffusion center_crop_arr (BOX halving, BICUBIC, center crop), x/127.5-1"
 FEATURE_VERSION = 1  # bump when the meaning of stored values changes
+CPU_MICRO_BATCH = 8
 
 
 @dataclass
@@ -242,6 +243,10 @@ def _run_forward(unet, tab, rows, writers, blocks, ts, pools, res, dev, dtype, b
     loader = make_loader(dataset, batch_size, num_workers, pin_memory=dev.type == "cuda")
     autocast = torch.autocast(dev.type, dtype=COMPUTE_DTYPES[dtype], enabled=dtype != "float32")
     bar = Progress(len(rows), f"extract {tab.dataset}/{tab.split}", enabled=progress)
+    # CPU kernels give results that depend (at 1e-6) on the batch size, but not on a row's
+    # position in a batch of fixed size: a fixed, padded micro-batch makes features bitwise
+    # independent of --batch-size. GPUs make no such promise, so they use the batch as is.
+    micro = batch_size if dev.type == "cuda" else CPU_MICRO_BATCH
     writer = BackgroundWriter()
     try:
         with torch.inference_mode():
@@ -251,18 +256,10 @@ def _run_forward(unet, tab, rows, writers, blocks, ts, pools, res, dev, dtype, b
                 for ti, t in enumerate(ts):
                     sums: dict[tuple[int, int], torch.Tensor] = {}
                     for d in range(draws):
-                        x = xs[:, ti * draws + d]
-                        if dev.type == "cuda":
-                            x = x.contiguous(memory_format=torch.channels_last)
-                        tt = torch.full((x.shape[0],), t, device=dev, dtype=torch.long)
-                        with autocast:
-                            acts = capture_blocks(unet, x, tt, blocks)
+                        pooled = _forward_pooled(unet, xs[:, ti * draws + d], t, blocks, pools, micro, autocast)
                         report.forwards += 1
-                        for b in blocks:
-                            a = acts[b].float()  # pool in float32 whatever the compute dtype
-                            for k in pools:
-                                p = F.adaptive_avg_pool2d(a, k)
-                                sums[(b, k)] = p if d == 0 else sums[(b, k)] + p
+                        for key, p in pooled.items():
+                            sums[key] = p if d == 0 else sums[key] + p
                     for (b, k), v in sums.items():
                         w = writers.get((b, t, k))
                         if w is not None:
@@ -274,3 +271,25 @@ def _run_forward(unet, tab, rows, writers, blocks, ts, pools, res, dev, dtype, b
             writer.close()
         finally:
             bar.close()
+
+
+def _forward_pooled(unet, x: torch.Tensor, t: int, blocks, pools, micro: int, autocast
+                    ) -> dict[tuple[int, int], torch.Tensor]:
+    """Pooled features {(block, k): (B, C, k, k) float32} of a batch, in micro-batches of ``micro`` rows."""
+    n = x.shape[0]
+    parts: dict[tuple[int, int], list[torch.Tensor]] = {(b, k): [] for b in blocks for k in pools}
+    for lo in range(0, n, micro):
+        chunk = x[lo:lo + micro]
+        real = chunk.shape[0]
+        if real < micro and x.device.type != "cuda":
+            chunk = torch.cat([chunk, chunk.new_zeros((micro - real,) + tuple(chunk.shape[1:]))])
+        if x.device.type == "cuda":
+            chunk = chunk.contiguous(memory_format=torch.channels_last)
+        tt = torch.full((chunk.shape[0],), t, device=x.device, dtype=torch.long)
+        with autocast:
+            acts = capture_blocks(unet, chunk, tt, blocks)
+        for b in blocks:
+            a = acts[b][:real].float()  # pool in float32 whatever the compute dtype
+            for k in pools:
+                parts[(b, k)].append(F.adaptive_avg_pool2d(a, k))
+    return {key: torch.cat(v) for key, v in parts.items()}

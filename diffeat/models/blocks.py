@@ -180,7 +180,7 @@ def check_blocks(blocks: Sequence[int], n_blocks: int) -> None:
         )
 
 
-def _meta_copy(unet: nn.Module) -> nn.Module:
+def meta_copy(unet: nn.Module) -> nn.Module:
     """The same architecture on the meta device (weights cost no memory)."""
     config = getattr(unet, "config", None)
     if config is not None and hasattr(type(unet), "from_config"):
@@ -201,7 +201,7 @@ def block_table(unet: nn.Module, resolution: int | None = None) -> list[BlockInf
         resolution = size[0] if isinstance(size, (list, tuple)) else int(size)
     check_resolution(unet, resolution)
     modules = block_modules(unet)
-    meta = _meta_copy(unet)
+    meta = meta_copy(unet)
     x = torch.zeros(1, config.in_channels, resolution, resolution, device="meta")
     inputs = {}
     if getattr(config, "cross_attention_dim", None):

@@ -215,7 +215,7 @@ class FeatureStore:
                 + ("" if keys else f" matching manifest {manifest_sha256}")
             )
         table = group[keys[0]]
-        ids = np.asarray(table["id"][:], dtype=str)
+        ids = np.array(table["id"][:].tolist(), dtype=str)
         labels = np.asarray(table["label"][:], dtype=np.int64)
         names = [str(c) for c in table["class_name"][:]]
         return ids, labels, names

@@ -1,0 +1,5 @@
+"""``python -m diffeat`` runs the command line."""
+
+from diffeat.cli import main
+
+main()

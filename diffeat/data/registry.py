@@ -1,0 +1,48 @@
+"""The dataset registry: layout name -> reader class, and :func:`open_dataset`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from diffeat.data.aircraft import Aircraft
+from diffeat.data.base import DatasetLayout
+from diffeat.data.cars import Cars
+from diffeat.data.cub import CUB, NABirds
+from diffeat.data.digits import Digits
+from diffeat.data.dogs import Dogs
+from diffeat.data.flowers import Flowers
+from diffeat.data.folders import ImageFolder, ImageNet
+from diffeat.errors import DatasetError
+
+#: Every dataset layout diffeat reads; a new layout is one module plus one line here.
+DATASETS: dict[str, type[DatasetLayout]] = {
+    "cub": CUB,
+    "nabirds": NABirds,
+    "flowers": Flowers,
+    "aircraft": Aircraft,
+    "cars": Cars,
+    "dogs": Dogs,
+    "imagefolder": ImageFolder,
+    "imagenet": ImageNet,
+    "digits": Digits,
+}
+
+
+def open_dataset(name: str, root: str | Path | None = None, *, classes: str | Path | None = None) -> DatasetLayout:
+    """Open dataset ``name`` from its official layout under ``root`` (never downloading anything).
+
+    ``root`` is required except for built-in datasets (``digits``), which take
+    none; ``classes`` (a wnid list file) is accepted by ``imagenet`` only. Every
+    mistake raises :class:`DatasetError` saying what to pass or which file is missing.
+    """
+    if name not in DATASETS:
+        raise DatasetError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
+    layout = DATASETS[name]
+    if layout.builtin and root is not None:
+        raise DatasetError(f"{name} is built in and takes no root (got {root})")
+    if not layout.builtin and root is None:
+        raise DatasetError(f"{name} needs a root folder (--root). {layout.expected()}")
+    if classes is not None and not layout.accepts_classes:
+        valid = [n for n, cls in DATASETS.items() if cls.accepts_classes]
+        raise DatasetError(f"a classes file is only accepted by {', '.join(valid)}, not by {name}")
+    return layout(root, classes=classes)
