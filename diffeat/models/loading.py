@@ -167,7 +167,9 @@ def _load_cached_hub(repo_id: str, dtype: torch.dtype | None) -> nn.Module:
     try:
         from huggingface_hub import snapshot_download
 
-        folder = Path(snapshot_download(repo_id, local_files_only=True))
+        # Read the cache location now, not at import time, so HF_HUB_CACHE set later still counts.
+        cache_dir = os.environ.get("HF_HUB_CACHE") or None
+        folder = Path(snapshot_download(repo_id, local_files_only=True, cache_dir=cache_dir))
     except Exception as e:  # noqa: BLE001 - any failure means "not in the cache"
         raise ModelError(
             f"--model {repo_id!r} is not a local folder, a built-in name "
