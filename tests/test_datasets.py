@@ -134,7 +134,7 @@ def test_nabirds_maps_sparse_class_ids_with_images_in_numeric_order(tmp_path: Pa
 
 def test_flowers_splits_and_class_names(tmp_path: Path) -> None:
     ds = open_dataset("flowers", write_flowers(tmp_path, names=True))
-    assert ds.standard_splits == ("train", "test")
+    assert ds.standard_splits == ("trainval", "test")  # the paper trains on train+val
     train, val, trainval = ds.samples("train"), ds.samples("val"), ds.samples("trainval")
     assert trainval.ids == train.ids + val.ids
     assert train.ids == ("image_00001", "image_00002", "image_00003")

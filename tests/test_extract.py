@@ -84,14 +84,14 @@ def test_a_complete_setting_is_cached_and_a_new_one_is_added(store_path):
 def test_resume_after_sigkill_is_bitwise_identical(tmp_path):
     # Block 11 at pool 16 has 32 KiB rows: 64-row units, so the run has many units to be killed between.
     args = ["--dataset", "digits", "--model", "random:tiny", "--block", "11", "--t", "90", "--pool", "16",
-            "--split", "train", "--limit", "320", "--device", "cpu", "--batch-size", "16", "--num-workers", "0"]
+            "--split", "train", "--limit", "200", "--device", "cpu", "--batch-size", "16", "--num-workers", "0"]
     killed = str(tmp_path / "killed.zarr")
     proc = subprocess.Popen([sys.executable, "-m", "diffeat", "-q", "extract", *args, "--store", killed])
     ledger = None
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         found = list(Path(killed).glob("features/*/*/*/*/done/c/*"))
-        if len(found) >= 2:  # some units done, others not
+        if found:  # some units done, others not (4 units of 64 rows)
             proc.send_signal(signal.SIGKILL)
             ledger = len(found)
             break
