@@ -15,15 +15,22 @@ import click
 
 #: command name -> "module:function", imported lazily.
 COMMANDS: dict[str, str] = {
+    "demo": "diffeat.cli.demo:demo",
+    "run": "diffeat.cli.run:run",
     "extract": "diffeat.cli.extract:extract",
     "ls": "diffeat.cli.ls:ls",
     "blocks": "diffeat.cli.blocks:blocks",
     "convert-adm": "diffeat.cli.convert_adm:convert_adm",
+    "probe": "diffeat.cli.probe:probe",
+    "cka": "diffeat.cli.cka:cka",
+    "import": "diffeat.cli.import_features:import_features",
     "env": "diffeat.cli.env:env",
 }
 
 #: one-line help shown by ``diffeat --help`` without importing the command.
 SUMMARIES: dict[str, str] = {
+    "demo": "The built-in demo: digits-ddpm on digits, extract, probe, CKA, report (CPU, about a minute).",
+    "run": "Run a pipeline YAML stage by stage, skipping stages whose outputs are current.",
     "extract": "Extract pooled U-Net block features of a dataset into a feature store.",
     "ls": "List the feature settings in a store.",
     "blocks": "Show the block table of a model: what block N is.",

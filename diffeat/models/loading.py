@@ -76,8 +76,17 @@ ARCHITECTURES["mini-adm"] = {
     "attention_head_dim": 16,
 }
 
+# The built-in digits-ddpm model's architecture (scripts/train_digits_ddpm.py trains it; `random:digits-ddpm`
+# is the same network with seeded random weights, the baseline its features are compared against).
+# 8 px: the digits' native resolution (preprocess BOX-halves the 32 px images back to the original 8x8).
+ARCHITECTURES["digits-ddpm"] = {
+    **ARCHITECTURES["tiny"],
+    "sample_size": 8,
+    "block_out_channels": (32, 48, 64),
+}
+
 #: Built-in pretrained models shipped as package data: name -> folder under diffeat/weights/.
-BUILTIN_MODELS: dict[str, str] = {}
+BUILTIN_MODELS: dict[str, str] = {"digits-ddpm": "digits-ddpm"}
 
 _NAME_RE = re.compile(r"[^A-Za-z0-9._-]+")
 

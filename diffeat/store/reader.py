@@ -237,6 +237,12 @@ class FeatureStore:
             raise StoreError(f"{info.path} has {array.shape[0]} rows but its sample table has {len(ids)}")
         return FeatureSet(info, array, ids, labels, classes, meta)
 
+    def import_features(self, dataset: str, split: str, name: str, array, **options):
+        """Put external features under ``name`` (see ``diffeat.store.imports.import_features``)."""
+        from diffeat.store.imports import import_features
+
+        return import_features(self, dataset, split, name, array, **options)
+
 
 def _check_local_writable(location: str) -> None:
     path = Path(location[len("file://"):] if location.startswith("file://") else location).expanduser()

@@ -1,0 +1,247 @@
+"""Where CKA reads features from: row ranges of (N, D) matrices, in memory or streamed from zarr.
+
+A *source* is one feature setting seen as an (N, D) matrix, ``D = C·k·k``. Every route
+reads contiguous row ranges (``read(lo, hi)``), so a source can be a NumPy array, a
+zarr array, or a store's :class:`~diffeat.store.FeatureSet`; nothing is loaded whole
+unless the planner decided it fits in the memory budget.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from diffeat.errors import DiffeatError, StoreError
+
+logger = logging.getLogger(__name__)
+
+
+class ArraySource:
+    """An (N, ...) array-like (NumPy, zarr, anything sliceable along rows) viewed as (N, D).
+
+    ``ids`` (optional) are the sample ids of the rows; sources are only compared when
+    their ids agree. Reads return float32 (float64 when the array is float64).
+    """
+
+    def __init__(self, array: Any, *, label: str = "x", ids: Sequence[str] | np.ndarray | None = None,
+                 chunk_rows: int | None = None, meta: dict | None = None):
+        shape = tuple(int(v) for v in array.shape)
+        if len(shape) < 2:
+            raise DiffeatError(f"features {label!r} must be (N, D) or (N, C, k, k), got shape {shape}")
+        self.array = array
+        self.label = label
+        self.n = shape[0]
+        self.dim = int(np.prod(shape[1:]))
+        self.shape = shape
+        self.ids = None if ids is None else np.asarray(ids).astype(str)
+        if self.ids is not None and len(self.ids) != self.n:
+            raise DiffeatError(f"features {label!r} have {self.n} rows but {len(self.ids)} sample ids")
+        chunks = getattr(array, "shards", None) or getattr(array, "chunks", None)
+        self.chunk_rows = int(chunk_rows or (chunks[0] if chunks else 1))
+        self.dtype = np.dtype(np.float64 if np.dtype(array.dtype) == np.float64 else np.float32)
+        self.meta = meta or {}
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.label!r}, n={self.n}, dim={self.dim})"
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the whole matrix as read (float32/float64)."""
+        return self.n * self.dim * self.dtype.itemsize
+
+    def read(self, lo: int, hi: int) -> np.ndarray:
+        """Rows ``[lo, hi)`` as a C-contiguous (hi-lo, D) float array."""
+        block = np.asarray(self.array[lo:hi])
+        return np.ascontiguousarray(block.reshape(hi - lo, self.dim), dtype=self.dtype)
+
+    def iter_blocks(self, rows: int) -> Iterator[tuple[int, np.ndarray]]:
+        """``(start, block)`` over contiguous row blocks of about ``rows`` rows, chunk-aligned."""
+        step = max(self.chunk_rows, -(-rows // self.chunk_rows) * self.chunk_rows)
+        for lo in range(0, self.n, step):
+            yield lo, self.read(lo, min(self.n, lo + step))
+
+
+class FeatureSetSource(ArraySource):
+    """A store setting (:class:`diffeat.store.FeatureSet`) as a source; streams through its own reader."""
+
+    def __init__(self, features: Any):
+        info = features.info
+        meta = {"label": info.label(), "path": info.path, "model": info.model, "block": info.block, "t": info.t,
+                "pool": info.pool, "name": info.name, "shape": list(info.shape), "dtype": info.dtype,
+                "settings_hash": info.settings_hash}
+        super().__init__(features.array, label=info.label(), ids=features.ids, chunk_rows=features.chunk_rows,
+                         meta=meta)
+        self.features = features
+
+    def iter_blocks(self, rows: int) -> Iterator[tuple[int, np.ndarray]]:
+        """Stream with ``FeatureSet.iter_blocks`` (chunk-aligned, one block in memory)."""
+        for lo, block in self.features.iter_blocks(rows=rows, dtype=self.dtype):
+            yield lo, block.reshape(len(block), self.dim)
+
+
+class LoadedSource(ArraySource):
+    """A source held in memory (what the planner makes of a source that fits the budget)."""
+
+    def __init__(self, source: ArraySource, data: np.ndarray):
+        # chunk_rows=1: in-memory blocks may be any size (moments then work in bounded float64 copies).
+        super().__init__(data, label=source.label, ids=source.ids, chunk_rows=1, meta=source.meta)
+        self.origin = source
+
+    def read(self, lo: int, hi: int) -> np.ndarray:
+        """A view of rows ``[lo, hi)`` (no copy)."""
+        return self.array[lo:hi]
+
+
+def as_source(obj: Any, label: str) -> ArraySource:
+    """Wrap an array, a zarr array or a ``FeatureSet`` as a source (sources pass through)."""
+    if isinstance(obj, ArraySource):
+        return obj
+    from diffeat.store.reader import FeatureSet  # zarr is only imported when a store is used
+
+    if isinstance(obj, FeatureSet):
+        return FeatureSetSource(obj)
+    if not hasattr(obj, "shape"):
+        obj = np.asarray(obj)
+    return ArraySource(obj, label=label)
+
+
+def check_aligned(sources: Sequence[ArraySource]) -> int:
+    """Check that all sources describe the same samples in the same order; return N.
+
+    Sources with sample ids must have identical ids in identical order (comparing
+    features of different images is meaningless, and silently realigning out-of-core
+    data would mean random reads); sources without ids must at least agree on N.
+    """
+    if not sources:
+        raise DiffeatError("CKA needs at least one feature setting")
+    ref = sources[0]
+    for src in sources[1:]:
+        if src.n != ref.n:
+            raise StoreError(f"sample mismatch: {ref.label!r} has {ref.n} rows, {src.label!r} has {src.n}")
+    with_ids = [s for s in sources if s.ids is not None]
+    for src in with_ids[1:]:
+        a, b = with_ids[0], src
+        if np.array_equal(a.ids, b.ids):
+            continue
+        if len(set(a.ids)) == len(a.ids) and set(a.ids) == set(b.ids):
+            first = int(np.flatnonzero(a.ids != b.ids)[0])
+            raise StoreError(
+                f"sample order mismatch between {a.label!r} and {b.label!r}: same ids, different order "
+                f"(row {first}: {a.ids[first]!r} vs {b.ids[first]!r}); re-import one of them with --ids to "
+                "put it in the store's sample-table order"
+            )
+        only_a = sorted(set(a.ids) - set(b.ids))[:3]
+        only_b = sorted(set(b.ids) - set(a.ids))[:3]
+        raise StoreError(
+            f"sample id mismatch between {a.label!r} and {b.label!r}: ids only in the first {only_a}, "
+            f"only in the second {only_b} (are they from the same dataset split?)"
+        )
+    return ref.n
+
+
+def prefetch(items: Iterable[Any], depth: int = 1) -> Iterator[Any]:
+    """Iterate ``items`` with the next ``depth`` produced in a background thread.
+
+    Decoding zarr chunks (blosc releases the GIL) then overlaps with the BLAS work
+    on the previous block. Exceptions are re-raised in the caller.
+    """
+    if depth <= 0:
+        yield from items
+        return
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def work() -> None:
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                q.put((True, item))
+            q.put((True, done))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            q.put((False, e))
+
+    thread = threading.Thread(target=work, name="diffeat-cka-read", daemon=True)
+    thread.start()
+    try:
+        while True:
+            ok, item = q.get()
+            if not ok:
+                raise item
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                thread.join(timeout=0.05)
+
+
+def iter_rows(sources: Sequence[ArraySource], rows: int, lo: int = 0, hi: int | None = None,
+              depth: int = 1) -> Iterator[tuple[int, list[np.ndarray]]]:
+    """Common row blocks ``(start, [block of each source])`` over ``[lo, hi)``, read ahead in a thread."""
+    hi = sources[0].n if hi is None else hi
+    ranges = [(a, min(hi, a + rows)) for a in range(lo, hi, rows)]
+    return prefetch(((a, [s.read(a, b) for s in sources]) for a, b in ranges), depth=depth)
+
+
+def gather_rows(sources: Sequence[ArraySource], index: np.ndarray, rows: int) -> list[np.ndarray]:
+    """Rows ``index`` (sorted, unique) of each source, read by streaming contiguous blocks."""
+    out = [np.empty((len(index), s.dim), dtype=s.dtype) for s in sources]
+    if isinstance(sources[0], LoadedSource) and all(isinstance(s, LoadedSource) for s in sources):
+        return [np.ascontiguousarray(s.array[index]) for s in sources]
+    pos = 0
+    for start, blocks in iter_rows(sources, rows):
+        stop = start + len(blocks[0])
+        take = index[pos:np.searchsorted(index, stop)]
+        if len(take):
+            for o, b in zip(out, blocks):
+                o[pos:pos + len(take)] = b[take - start]
+            pos += len(take)
+    return out
+
+
+@dataclass(frozen=True)
+class Moments:
+    """Column means and the total centered sum of squares ``S = ‖X - μ‖²_F`` (float64)."""
+
+    n: int
+    mean: np.ndarray
+    total: float
+
+
+def moments(source: ArraySource, rows: int) -> Moments:
+    """One streaming pass: means and ``S``, merged per block with Chan's formula (no cancellation)."""
+    n, mean, total = 0, np.zeros(source.dim), 0.0
+    for _, block in prefetch(source.iter_blocks(rows)):
+        b = np.asarray(block, dtype=np.float64)
+        m = len(b)
+        bmean = b.mean(axis=0)
+        bc = b - bmean
+        bss = float(np.einsum("ij,ij->", bc, bc))
+        delta = bmean - mean
+        new_n = n + m
+        total += bss + float(delta @ delta) * n * m / new_n
+        mean += delta * (m / new_n)
+        n = new_n
+    return Moments(n, mean, total)
+
+
+def load(source: ArraySource, rows: int) -> LoadedSource:
+    """Read a source whole into memory (streamed block by block; the destination is preallocated)."""
+    if isinstance(source, LoadedSource):
+        return source
+    data = np.empty((source.n, source.dim), dtype=source.dtype)
+    for lo, block in prefetch(source.iter_blocks(rows)):
+        data[lo:lo + len(block)] = block
+    return LoadedSource(source, data)

@@ -1,0 +1,78 @@
+"""``diffeat import``: put externally computed features into a store (for CKA and probes)."""
+
+from __future__ import annotations
+
+import click
+
+from diffeat.cli.options import echo_json, storage_options
+
+
+@click.command("import")
+@click.argument("source")
+@click.option("--store", required=True, help="Feature store: a path or fsspec URL (must already hold the "
+              "dataset split's sample table, i.e. something was extracted for it).")
+@click.option("--storage-options", "storage_opts", help="JSON of fsspec options for a remote store.")
+@click.option("--dataset", required=True, help="Dataset the features belong to.")
+@click.option("--split", required=True, help="Split the features belong to.")
+@click.option("--name", required=True, help="Name of the imported set (letters, digits, '.', '_', '-').")
+@click.option("--model", "model", default="external", show_default=True,
+              help="What produced the features (recorded; part of the store path).")
+@click.option("--ids", "ids_file", type=click.Path(dir_okay=False, exists=True),
+              help="File with one sample id per line, one per source row: checked against the store's sample "
+              "table and used to put the rows in its order.")
+@click.option("--store-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace an existing import of that name with different contents.")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+def import_features(source, store, storage_opts, dataset, split, name, model, ids_file, store_dtype, overwrite,
+                    as_json):
+    """Import SOURCE (.npy of shape (N, D) or (N, C, k, k), or a zarr array path/URL) as features NAME.
+
+    \b
+    Example:
+      diffeat import --store feats.zarr --dataset cub --split test --name resnet50 features.npy
+    """
+    from diffeat.store import open_store
+    from diffeat.store.imports import import_features as run_import
+
+    array, described = _open_source(source)
+    ids = None
+    if ids_file:
+        with open(ids_file) as f:
+            ids = [line.strip() for line in f if line.strip()]
+    fs = open_store(store, mode="a", storage_options=storage_options(storage_opts))
+    result = run_import(fs, dataset, split, name, array, attrs=described, ids=ids, model=model,
+                        store_dtype=store_dtype, overwrite=overwrite)
+    info = result.info
+    if as_json:
+        echo_json({"name": info.name, "model": info.model, "dataset": info.dataset, "split": info.split,
+                   "shape": list(info.shape), "dtype": info.dtype, "path": info.path, "outcome": result.outcome,
+                   "reordered": result.reordered})
+        return
+    shape = "x".join(map(str, info.shape))
+    click.echo(f"{result.outcome}: {info.name} {shape} {info.dtype} -> {info.path}"
+               + (" (rows reordered to the sample table)" if result.reordered else ""))
+
+
+def _open_source(source: str):
+    """The array to import (memory-mapped .npy, or a zarr array) and a description for provenance."""
+    import os
+
+    import numpy as np
+
+    from diffeat.errors import DiffeatError
+
+    if source.endswith(".npy"):
+        if not os.path.isfile(source):
+            raise DiffeatError(f"SOURCE {source} does not exist")
+        try:
+            array = np.load(source, mmap_mode="r", allow_pickle=False)
+        except ValueError as e:
+            raise DiffeatError(f"SOURCE {source} is not a plain .npy array: {e}") from e
+        return array, {"source": os.path.abspath(source), "format": "npy", "dtype": str(array.dtype)}
+    import zarr
+
+    try:
+        array = zarr.open_array(source, mode="r")
+    except Exception as e:
+        raise DiffeatError(f"SOURCE {source} is neither a .npy file nor a zarr array ({type(e).__name__}: {e})") from e
+    return array, {"source": source, "format": "zarr", "dtype": str(array.dtype)}

@@ -1,0 +1,169 @@
+"""Put externally computed features (a ResNet's, a ViT's ...) into a store, next to extracted ones.
+
+An import is a feature array like any other (same chunking, codecs, completion ledger
+and publishing, through :class:`~diffeat.store.writer.SettingWriter`), at
+``features/<model>/<dataset>/<split>/<name>/data`` with ``setting.name`` set and
+block/t/pool null. Its rows follow the store's sample table for that dataset/split;
+``ids`` (one per source row) lets an import in another order be checked and realigned.
+Its identity hash covers the name, the sample table and the content, so importing the
+same thing twice is a no-op and importing different contents under a taken name is an
+error unless ``overwrite``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from diffeat import __version__
+from diffeat.errors import StoreError
+from diffeat.store.layout import check_name, plan_chunks, setting_path, settings_hash
+from diffeat.store.reader import FeatureStore, SettingInfo
+from diffeat.store.writer import SettingWriter
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "external"
+STORE_DTYPES = ("float16", "float32")
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    """What an import did: ``outcome`` is ``written``, ``resumed`` or ``cached``."""
+
+    info: SettingInfo
+    outcome: str
+    reordered: bool
+
+
+def table_manifest(store: FeatureStore, dataset: str, split: str) -> tuple[str, np.ndarray]:
+    """``(manifest_sha256, ids)`` of the one sample table stored for ``dataset``/``split``."""
+    base = f"datasets/{check_name(dataset, 'dataset')}/{check_name(split, 'split')}"
+    keys = sorted(k for k, _ in store.root[base].groups()) if base in store.root else []
+    if not keys:
+        have = sorted(f"{d}/{s}" for d, g in store.root["datasets"].groups() for s, _ in g.groups()) \
+            if "datasets" in store.root else []
+        raise StoreError(
+            f"no sample table for {dataset}/{split} in {store.location} (it has: {', '.join(have) or 'none'}); "
+            "an import is checked against the store's sample table, so extract that dataset split first"
+        )
+    if len(keys) > 1:
+        raise StoreError(f"{len(keys)} sample tables for {dataset}/{split} in {store.location}: ambiguous import")
+    meta = dict(store.root[f"{base}/{keys[0]}"].attrs).get("diffeat", {})
+    ids, _, _ = store.sample_table(dataset, split)
+    return str(meta.get("manifest_sha256", keys[0])), ids
+
+
+def _order(table_ids: np.ndarray, ids: Sequence[str] | None, n_rows: int, what: str) -> np.ndarray | None:
+    """Source row for each table row (None: already in table order), or a ``StoreError``."""
+    if ids is None:
+        if n_rows != len(table_ids):
+            raise StoreError(f"{what} has {n_rows} rows but the store's sample table has {len(table_ids)} samples "
+                             "(pass --ids FILE if the rows are a different set or order)")
+        return None
+    ids = np.asarray([str(i) for i in ids])
+    if len(ids) != n_rows:
+        raise StoreError(f"the ids file has {len(ids)} ids but {what} has {n_rows} rows")
+    uniq, counts = np.unique(ids, return_counts=True)
+    if (counts > 1).any():
+        raise StoreError(f"the ids file repeats ids, e.g. {uniq[counts > 1][:3].tolist()}")
+    position = {v: k for k, v in enumerate(ids)}
+    missing = [v for v in table_ids if v not in position]
+    extra = sorted(set(ids) - set(table_ids.tolist()))
+    if missing or extra:
+        raise StoreError(f"ids do not match the store's sample table: {len(missing)} table ids missing "
+                         f"(e.g. {missing[:3]}), {len(extra)} unknown ids (e.g. {extra[:3]})")
+    order = np.fromiter((position[v] for v in table_ids), dtype=np.int64, count=len(table_ids))
+    return None if np.array_equal(order, np.arange(len(order))) else order
+
+
+def _rows(array: Any, order: np.ndarray | None, lo: int, hi: int) -> np.ndarray:
+    """Table rows ``[lo, hi)`` of the source (gathering in sorted order, then restoring ``order``)."""
+    if order is None:
+        return np.asarray(array[lo:hi])
+    want = order[lo:hi]
+    sort = np.argsort(want)
+    picked = want[sort]
+    if hasattr(array, "get_orthogonal_selection"):  # zarr: one read per touched chunk
+        values = np.asarray(array.get_orthogonal_selection((picked,) + (slice(None),) * (array.ndim - 1)))
+    else:
+        values = np.asarray(array[picked])
+    out = np.empty_like(values)
+    out[sort] = values
+    return out
+
+
+def import_features(store: FeatureStore, dataset: str, split: str, name: str, array: Any, *,
+                    attrs: dict | None = None, ids: Sequence[str] | None = None, model: str = DEFAULT_MODEL,
+                    store_dtype: str = "float16", overwrite: bool = False) -> ImportResult:
+    """Write ``array`` ((N, D) or (N, C, k, k), NumPy/memmap/zarr) into ``store`` as import ``name``.
+
+    ``ids``: the sample id of each source row (checked against the sample table and used to
+    put rows in table order); without it N must equal the table's N. ``attrs``: provenance
+    to record (source file, model description ...). The store must be open with ``mode="a"``.
+    """
+    check_name(name, "import")
+    check_name(model, "model")
+    if store.mode != "a":
+        raise StoreError(f"{store.location} is open read-only; importing needs mode='a'")
+    if store_dtype not in STORE_DTYPES:
+        raise StoreError(f"store dtype {store_dtype!r} is not one of {', '.join(STORE_DTYPES)}")
+    shape = tuple(int(v) for v in array.shape)
+    if len(shape) not in (2, 4) or not np.issubdtype(np.dtype(array.dtype), np.number):
+        raise StoreError(f"features to import must be a numeric (N, D) or (N, C, k, k) array, got shape {shape} "
+                         f"dtype {array.dtype}")
+    manifest, table_ids = table_manifest(store, dataset, split)
+    order = _order(table_ids, ids, shape[0], f"the array ({shape})")
+    out_shape = (len(table_ids),) + shape[1:]
+    row_bytes = int(np.prod(out_shape[1:])) * np.dtype(store_dtype).itemsize
+    plan = plan_chunks(out_shape[0], row_bytes)
+
+    # Identity: the content as it will be stored, in table order.
+    digest = hashlib.sha256()
+    for u in range(plan.n_units):
+        digest.update(np.ascontiguousarray(_rows(array, order, *plan.unit_range(u)), dtype=store_dtype).tobytes())
+    settings = {"import": name, "model": model, "dataset": {"name": dataset, "split": split,
+                                                              "manifest_sha256": manifest},
+                "shape": list(out_shape), "store_dtype": store_dtype, "content_sha256": digest.hexdigest()}
+    key = settings_hash(settings)
+    path = setting_path(model, dataset, split, name)
+    _check_existing(store, dataset, split, name, model, path, key, overwrite)
+
+    meta = {"settings": settings, "settings_hash": key, "manifest_sha256": manifest,
+            "setting": {"model": model, "dataset": dataset, "split": split, "block": None, "t": None, "pool": None,
+                        "name": name},
+            "source": attrs or {}, "versions": {"diffeat": __version__}}
+    writer = SettingWriter.open(store, path, out_shape, store_dtype, meta, label=f"import {name}")
+    outcome = "cached" if not writer.pending else "resumed" if len(writer.pending) < plan.n_units else "written"
+    for u in sorted(writer.pending):
+        lo, hi = plan.unit_range(u)
+        writer.add(np.arange(lo, hi), _rows(array, order, lo, hi))
+    if not writer.publish():
+        raise StoreError(f"import {name}: some units were not written ({path}); run the import again to resume")
+    info = store.find(dataset=dataset, split=split, name=name, model=model)
+    logger.info("import %s: %s %s -> %s", name, outcome, out_shape, path)
+    return ImportResult(info, outcome, order is not None)
+
+
+def _check_existing(store: FeatureStore, dataset: str, split: str, name: str, model: str, path: str, key: str,
+                    overwrite: bool) -> None:
+    """Refuse to shadow or silently replace another import of the same name."""
+    for s in store.list_settings():
+        if s.dataset == dataset and s.split == split and s.name == name and s.model != model:
+            raise StoreError(f"an import named {name!r} for {dataset}/{split} already exists under model "
+                             f"{s.model!r}; pick another --name")
+    if f"{path}/data" not in store.root:
+        return
+    old = dict(store.root[f"{path}/data"].attrs).get("diffeat", {})
+    if old.get("settings_hash") == key:
+        return  # same contents: resume or no-op
+    if not overwrite:
+        raise StoreError(f"an import named {name!r} for {dataset}/{split} already exists with different contents "
+                         f"({path}); use --overwrite to replace it")
+    logger.warning("replacing import %s (%s)", name, path)
+    del store.root[path]
