@@ -75,6 +75,9 @@ def main() -> None:
 
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
 
+    # Idle OpenMP threads sleep instead of spinning: on this shared 2-core machine spinning threads
+    # slow small steps 20x whenever another process runs (see diffeat/cli/probe.py).
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     import torch
     from threadpoolctl import threadpool_limits
 

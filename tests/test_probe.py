@@ -236,6 +236,33 @@ def test_streaming_reads_whole_chunk_blocks_and_every_batch_feeds_every_head(gmm
     assert in_memory.in_memory and fset.array.reads == [slice(None)]
 
 
+def test_fused_linear_grid_is_per_head_torch_sgd():
+    from diffeat.probe.train import FusedLinearGrid, GridPoint, ModuleTrainer
+
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 2, 2, 2), torch.randint(0, 3, (64,))
+    points = [GridPoint(HEADS["linear"], 0.1, 0.01), GridPoint(HEADS["linear"], 0.3, 0.0)]
+    cpu = torch.device("cpu")
+    fused = FusedLinearGrid(points, (2, 2, 2), 3, cpu)
+    separate = [ModuleTrainer(p, (2, 2, 2), 3, cpu) for p in points]  # torch.optim.SGD, momentum 0.9
+    for factor in (0.5, 1.0, 1.0, 0.3):
+        fused.loss(x, y).sum().backward()
+        fused.step(factor)  # not in the averaged tail: export() gives the last iterate
+        for t in separate:
+            t.loss(x, y).sum().backward()
+            t.step(factor)
+    for head, t in zip(fused.export(), separate):
+        assert torch.allclose(head.fc.weight, t.module.fc.weight, atol=1e-6)
+        assert torch.allclose(head.fc.bias, t.module.fc.bias, atol=1e-6)
+    # In the decay phase the exported weights are the mean of the iterates.
+    iterates = []
+    for factor in (0.6, 0.3):
+        fused.loss(x, y).sum().backward()
+        fused.step(factor, decaying=True)
+        iterates.append(fused.weight.detach().clone())
+    assert torch.allclose(fused.export()[0].fc.weight, ((iterates[0] + iterates[1]) / 2)[:, 0, :].T, atol=1e-6)
+
+
 def test_knn_matches_a_brute_force_reference():
     from diffeat.heads import Standardize
     from diffeat.probe.data import InMemoryRows
@@ -321,10 +348,11 @@ def test_every_head_in_one_run_writes_results_and_reloadable_weights(gmm, tmp_pa
     assert tuple(rows[0]) == CSV_COLUMNS
     val_rows = [r for r in rows if r["head"] == "linear" and r["split"] == "val" and r["metric"] == "top1"]
     assert len(val_rows) == 4 and sum(r["selected"] == "True" for r in val_rows) == 1  # the whole grid is logged
-    assert {r["split"] for r in rows} == {"val", "test"}
+    assert {r["split"] for r in rows} == {"fit", "val", "test"}
     doc = json.loads((run / "run.json").read_text())
     assert doc["stage"] == "probe" and doc["config"]["heads"][0] == "linear"
     assert {"torch", "zarr", "scikit-learn", "numpy", "diffeat"} <= set(doc["versions"])
+    assert any(r["head"] == "linear" and r["metric"] == "objective" and r["split"] == "fit" for r in rows)
     # A saved probe applies to raw stored features and reproduces the reported test accuracy.
     for result in report.results[:4]:
         model, meta = load_probe(result.weights)

@@ -9,8 +9,8 @@ Two row sources share one interface (:class:`RowSource`):
   buffer; it never reads single rows at random.
 
 Which one a split gets is decided by its size against a memory budget
-(:func:`fits`). Both yield the same batches for a given seed when the shuffle
-buffer covers the whole split.
+(:func:`fits`). Both are deterministic for a given generator; their batch orders
+differ (the streamed one shuffles blocks, then rows within the buffer).
 """
 
 from __future__ import annotations

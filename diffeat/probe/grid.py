@@ -83,30 +83,34 @@ def trained_heads(specs: list[HeadSpec], train_src: RowSource, test_src: RowSour
     trainers = make_trainers(points, shape, k, o.device)
     logger.info("training %d heads in one pass: %s", len(points),
                 ", ".join(f"{s.name} x{sum(p.spec is s for p in points)}" for s in specs))
-    stats = train(train_src, fit_rows, trainers, std_fit, epochs=epochs, batch_size=o.batch_size, seed=o.seed,
-                  device=o.device)
-    seconds = stats.seconds
-    modules, objectives = exported(points, trainers, stats)
+    seconds = train(train_src, fit_rows, trainers, std_fit, epochs=epochs, batch_size=o.batch_size, seed=o.seed,
+                    device=o.device)
+    modules = exported(points, trainers)
+    objectives = _objectives(points, modules, train_src, fit_rows, std_fit, o)
     y_val, val_top, val_loss = predict(train_src, val_rows, modules, std_fit, batch_size=max(o.batch_size, 1024),
                                        device=o.device)
     val_scores = [metrics(y_val, top, k, loss) for top, loss in zip(val_top, val_loss)]
+    diverged = []
     for p, v, module, obj in zip(points, val_scores, modules, objectives):
-        v["objective"] = obj
-        if not np.isfinite(obj) or not all(bool(torch.isfinite(t).all()) for t in module.state_dict().values()):
+        finite = all(bool(torch.isfinite(t).all()) for t in module.state_dict().values())
+        diverged.append(not finite or (p.spec.convex and not np.isfinite(obj)))
+        if diverged[-1]:
             # Too large a learning rate for these features: the head blew up. It stays in the
             # grid (logged as diverged) but can never be chosen.
             logger.warning("%s lr=%g wd=%g diverged (non-finite weights)", p.spec.name, p.lr, p.wd)
-            v.update(top1=float("nan"), top5=float("nan"), balanced_acc=float("nan"), loss=float("nan"),
-                     diverged=True)
-    chosen = {s.name: select(s, points, val_scores, objectives) for s in specs}
+            v.update(top1=float("nan"), top5=float("nan"), balanced_acc=float("nan"), loss=float("nan"))
+    chosen: dict[str, int] = {}
+    candidates: set[int] = set()
+    for s in specs:
+        chosen[s.name], cands = select(s, points, val_scores, objectives, diverged)
+        candidates.update(cands)
     if o.refit:
         best = [points[i] for i in chosen.values()]
         torch.manual_seed(o.seed + 1)
         refits = make_trainers(best, shape, k, o.device)
-        refit_stats = train(train_src, rows_final, refits, std_all, epochs=epochs, batch_size=o.batch_size,
-                            seed=o.seed + 1, device=o.device)
-        seconds += refit_stats.seconds
-        finals, _ = exported(best, refits, refit_stats)
+        seconds += train(train_src, rows_final, refits, std_all, epochs=epochs, batch_size=o.batch_size,
+                         seed=o.seed + 1, device=o.device)
+        finals = exported(best, refits)
     else:
         finals = [modules[i] for i in chosen.values()]
     std_final = std_all if o.refit else std_fit
@@ -114,7 +118,8 @@ def trained_heads(specs: list[HeadSpec], train_src: RowSource, test_src: RowSour
                                           batch_size=max(o.batch_size, 1024), device=o.device)
     results = []
     for (h, i), module, top, loss in zip(chosen.items(), finals, test_top, test_loss):
-        grid = [{"hparams": hparams(p), "val": v} for p, v in zip(points, val_scores) if p.spec.name == h]
+        grid = [{"hparams": hparams(p), "val": val_scores[j], "objective": objectives[j], "diverged": diverged[j],
+                 "candidate": j in candidates} for j, p in enumerate(points) if p.spec.name == h]
         result = HeadResult(h, **base, hparams=hparams(points[i]), val=val_scores[i],
                             test=metrics(y_test, top, k, loss),
                             grid=grid, refit=o.refit, n_train=len(rows_final), seconds=seconds,
@@ -123,8 +128,31 @@ def trained_heads(specs: list[HeadSpec], train_src: RowSource, test_src: RowSour
     return results
 
 
-def select(spec: HeadSpec, points: list[GridPoint], val: list[dict], objectives: list[float]) -> int:
-    """Index of the grid point of head ``spec`` chosen on validation: best top-1, ties to the lower loss.
+def _objectives(points: list[GridPoint], modules: list[torch.nn.Module], source: RowSource, fit_rows: np.ndarray,
+                std_fit: Standardize, o: Options) -> list[float]:
+    """The regularised training objective ``CE(fit rows) + wd/2 ‖W‖²`` of each convex head (NaN for others).
+
+    One forward pass over the fit rows for the convex heads of the grid: exact, where the
+    minibatch losses seen during training would describe the iterates, not the averaged
+    weights that are kept.
+    """
+    convex = [i for i, p in enumerate(points) if p.spec.convex]
+    out = [float("nan")] * len(points)
+    if not convex:
+        return out
+    _, _, losses = predict(source, fit_rows, [modules[i] for i in convex], std_fit,
+                           batch_size=max(o.batch_size, 1024), device=o.device)
+    for i, loss in zip(convex, losses):
+        sq = sum(float((m.weight.detach() ** 2).sum()) for m in modules[i].modules()
+                 if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)))
+        out[i] = loss + points[i].wd / 2 * sq
+    return out
+
+
+def select(spec: HeadSpec, points: list[GridPoint], val: list[dict], objectives: list[float],
+           diverged: list[bool]) -> tuple[int, list[int]]:
+    """The grid point of head ``spec`` chosen on validation (best top-1, ties to the lower loss), and
+    the candidates it was chosen from (indices into ``points``).
 
     Convex heads (linear): the learning rate only decides how far SGD got towards the
     optimum of ``CE + wd/2 ‖W‖²``, so for each weight decay only the learning rate that
@@ -136,7 +164,7 @@ def select(spec: HeadSpec, points: list[GridPoint], val: list[dict], objectives:
     validation rows ties often; the validation cross-entropy breaks ties (then the
     larger weight decay, then the first grid point).
     """
-    idx = [i for i, p in enumerate(points) if p.spec is spec and not val[i].get("diverged")]
+    idx = [i for i, p in enumerate(points) if p.spec is spec and not diverged[i]]
     if not idx:
         raise DiffeatError(f"every {spec.name} head of the grid diverged: give smaller learning rates (--lr)")
     if spec.convex:
@@ -146,13 +174,11 @@ def select(spec: HeadSpec, points: list[GridPoint], val: list[dict], objectives:
             if wd not in per_wd or objectives[i] < objectives[per_wd[wd]]:
                 per_wd[wd] = i
         idx = [per_wd[wd] for wd in sorted(per_wd, reverse=True)]
-    for i in idx:
-        val[i]["candidate"] = True
     best = idx[0]
     for i in idx[1:]:
         if (val[i]["top1"], -val[i]["loss"]) > (val[best]["top1"], -val[best]["loss"]):
             best = i
-    return best
+    return best, idx
 
 
 def _plain(options: dict) -> dict:

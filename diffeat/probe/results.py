@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -88,6 +89,10 @@ def csv_rows(run_id: str, r: HeadResult, train_split: str, test_split: str) -> l
         for metric, value in g["val"].items():
             rows.append({**base, "hparams": g["hparams"], "selected": selected, "n_train": None, "split": "val",
                          "metric": metric, "value": value})
+        objective = g.get("objective")
+        if objective is not None and math.isfinite(objective):  # convex heads: CE + wd/2 ‖W‖² on the fit rows
+            rows.append({**base, "hparams": g["hparams"], "selected": selected, "n_train": None, "split": "fit",
+                         "metric": "objective", "value": objective})
     for metric, value in r.test.items():
         rows.append({**base, "hparams": r.hparams, "selected": True, "n_train": r.n_train, "split": "test",
                      "metric": metric, "value": value})
