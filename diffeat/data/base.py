@@ -59,13 +59,13 @@ class DatasetLayout:
         return self._tables[split]
 
     def _read(self, split: str) -> SampleTable:
-        """Parse ``split`` into a sample table (``split`` is already validated)."""
-        raise NotImplementedError
+        """Parse ``split`` into a sample table (``split`` is already validated); each layout defines it."""
+        raise TypeError(f"{type(self).__name__} must define _read(split)")
 
     @staticmethod
     def builtin_image(sample_id: str) -> Image.Image:
         """The image of ``sample_id`` for built-in datasets (which have no files)."""
-        raise NotImplementedError
+        raise DatasetError(f"sample {sample_id!r} has no file and this dataset is not built in")
 
     def _path(self, relpath: str) -> Path:
         """``root / relpath`` (file-based layouts always have a root once opened)."""

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from diffeat import __version__
+from diffeat.devices import resolve_device
 from diffeat.errors import DiffeatError
 from diffeat.extract.loader import NoisedImages, make_loader
 from diffeat.models.blocks import BlockInfo, block_table, capture_blocks, check_blocks, model_inputs
@@ -104,16 +105,6 @@ def _check_pools(table: list[BlockInfo], blocks: Sequence[int], pools: Sequence[
                     f"--pool {k} is larger than block {b}'s {info.height}x{info.width} map at resolution "
                     f"{resolution}: pool sizes for this block are 1..{min(info.height, info.width)}"
                 )
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> cuda if available else cpu; refuse cuda when there is none."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DiffeatError(f"--device {device}: no CUDA device is available here (use --device cpu)")
-    return dev
 
 
 def extract(

@@ -166,12 +166,12 @@ class RowSource:
 
     def blocks(self, rows: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Yield ``(row_ids, float32 features)`` for the sorted ``rows``, in row order, block by block."""
-        raise NotImplementedError
+        raise TypeError(f"{type(self).__name__} must define blocks()")
 
     def batches(self, rows: np.ndarray, batch_size: int, device: torch.device,
                 rng: np.random.Generator | None = None) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Yield ``(x float32, y int64)`` tensors on ``device``; shuffled when ``rng`` is given."""
-        raise NotImplementedError
+        raise TypeError(f"{type(self).__name__} must define batches()")
 
 
 class InMemoryRows(RowSource):

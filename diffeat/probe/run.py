@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from diffeat.devices import resolve_device
 from diffeat.errors import DiffeatError, StoreError
 from diffeat.heads import HEADS, Probe, Standardize, build_head, check_head, count_parameters, get_head
 from diffeat.probe import reference
@@ -38,19 +39,6 @@ from diffeat.report import new_run_dir, utc_now, write_long_csv, write_run_json
 from diffeat.store import FeatureSet, FeatureStore, open_store
 
 logger = logging.getLogger(__name__)
-
-
-def resolve_device(device: str) -> torch.device:
-    """``auto`` -> cuda when available, else cpu; refuse a cuda device that is not there."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError as e:
-        raise DiffeatError(f"--device {device!r} is not a device (use cpu, cuda, cuda:1 or auto)") from e
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise DiffeatError(f"--device {device}: no CUDA device is available here (use --device cpu)")
-    return dev
 
 
 def _check_numbers(values: Sequence[float] | None, option: str, *, positive: bool) -> list[float] | None:
