@@ -68,6 +68,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch/BLAS threads (default: all cores)")
     parser.add_argument("--stream", action="store_true", help="force streaming from the store (budget 1 byte)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--same-c", action="store_true",
+                        help="also train the linear grid at the C logistic regression chose (SGD vs L-BFGS fidelity)")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress (epochs, grid, timings)")
     args = parser.parse_args()
     if args.verbose:
@@ -101,6 +103,7 @@ def main() -> None:
         return [float(v) for v in text.split(",")] if text else None
 
     print(f"{'head':10s} {'test top1':>9s} {'val top1':>8s} {'grid':>4s} {'seconds':>8s}  chosen")
+    chosen_c: dict[str, float | None] = {}
     for head in args.heads.split(","):
         t0 = time.perf_counter()
         with threadpool_limits(threads):
@@ -112,6 +115,19 @@ def main() -> None:
         hp = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in r.hparams.items()
               if k in ("lr", "wd", "C", "epochs", "k")}
         print(f"{head:10s} {100 * r.test['top1']:9.2f} {100 * r.val['top1']:8.2f} {len(r.grid):4d} {wall:8.1f}  {hp}",
+              flush=True)
+        chosen_c[head] = r.hparams.get("C")
+    if args.same_c and chosen_c.get("logistic") and "linear" in chosen_c:
+        # Optimiser fidelity apart from selection noise: the SGD grid at the C logistic regression chose.
+        c = chosen_c["logistic"]
+        t0 = time.perf_counter()
+        with threadpool_limits(threads):
+            report = probe(store=str(store), dataset="bench", name="mix", heads=["linear"], out=str(work / "results"),
+                           epochs=args.epochs, wds=[1.0 / (c * round(0.9 * n_train))], device=args.device,
+                           save_weights=False)
+        r = report.results[0]
+        print(f"{'linear@C':10s} {100 * r.test['top1']:9.2f} {100 * r.val['top1']:8.2f} {len(r.grid):4d} "
+              f"{time.perf_counter() - t0:8.1f}  {{'C': {c:.2g}, 'lr': {r.hparams['lr']:.4g}}} (logistic's C)",
               flush=True)
     print(f"# load average at end {os.getloadavg()}")
     if os.environ.get("DIFFEAT_BENCH_CLEAN"):

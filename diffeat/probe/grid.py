@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from dataclasses import dataclass
@@ -13,9 +14,11 @@ from diffeat.errors import DiffeatError
 from diffeat.heads import HeadSpec, Probe, Standardize, count_parameters
 from diffeat.probe.data import RowSource, RunningMoments, mean_sq_norm
 from diffeat.probe.results import HeadResult
-from diffeat.probe.train import GridPoint, exported, make_trainers, metrics, predict, train
+from diffeat.probe.train import MOMENTUM, GridPoint, exported, make_trainers, metrics, predict, train
 
 logger = logging.getLogger(__name__)
+
+MEMORY_EPOCHS = 10  # SGD's memory under L2 decay, in epochs, that the linear grid's rates respect
 
 
 @dataclass
@@ -53,6 +56,7 @@ def trained_heads(specs: list[HeadSpec], train_src: RowSource, test_src: RowSour
     model/dataset/block/t/pool/name for the results.
     """
     sq_norm = mean_sq_norm(m_fit, std_fit.mean, std_fit.inv_std)
+    steps_per_epoch = math.ceil(len(fit_rows) / o.batch_size)
     points = []
     for s in specs:
         options = tuple(sorted({**s.options, **o.head_options.get(s.name, {})}.items()))
@@ -68,9 +72,21 @@ def trained_heads(specs: list[HeadSpec], train_src: RowSource, test_src: RowSour
             lrs = [eta / max(sq_norm, 1e-12) for eta in s.etas]
         else:
             lrs = list(s.lrs)
-        points += [GridPoint(s, lr, wd, options) for lr in lrs for wd in wds]
+        for wd in wds:
+            if s.etas and not o.lrs:
+                # Cap the rate so that SGD's memory, (1 - momentum) / (lr · wd) steps, spans
+                # MEMORY_EPOCHS epochs: with a strong L2 term and a larger rate the weights only
+                # reflect the last few batches, and even tail averaging leaves them re-weighting
+                # samples at random (measured on the probe benchmark at C = 3e-5: 51.7 % uncapped,
+                # 52.8 % with 3 epochs, 53.8 % with 10, 54.6 % for L-BFGS). Capped rates that
+                # coincide are trained once.
+                cap = (1.0 - MOMENTUM) / (max(wd, 1e-30) * MEMORY_EPOCHS * steps_per_epoch)
+                wd_lrs = sorted({min(lr, cap) for lr in lrs})
+            else:
+                wd_lrs = list(lrs)
+            points += [GridPoint(s, lr, wd, options) for lr in wd_lrs]
 
-    epochs = max(o.epochs, math.ceil(o.min_steps / math.ceil(len(fit_rows) / o.batch_size)))
+    epochs = max(o.epochs, math.ceil(o.min_steps / steps_per_epoch))
 
     def hparams(p: GridPoint) -> dict:
         # C: the scikit-learn C with the same L2 strength (SGD objective CE + wd/2 ‖W‖²).
@@ -105,7 +121,11 @@ def trained_heads(specs: list[HeadSpec], train_src: RowSource, test_src: RowSour
         chosen[s.name], cands = select(s, points, val_scores, objectives, diverged)
         candidates.update(cands)
     if o.refit:
-        best = [points[i] for i in chosen.values()]
+        # A convex head keeps its C on the larger train + val set (as scikit-learn's refit does):
+        # wd = 1 / (C · n) shrinks with n.
+        scale = len(fit_rows) / len(rows_final)
+        best = [dataclasses.replace(points[i], wd=points[i].wd * scale) if points[i].spec.convex else points[i]
+                for i in chosen.values()]
         torch.manual_seed(o.seed + 1)
         refits = make_trainers(best, shape, k, o.device)
         seconds += train(train_src, rows_final, refits, std_all, epochs=epochs, batch_size=o.batch_size,
