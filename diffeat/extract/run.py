@@ -148,8 +148,7 @@ def extract(
         tables[split].check_files()
 
     fs = store if isinstance(store, FeatureStore) else open_store(store, mode="a")
-    if fs.mode == "r":
-        raise DiffeatError(f"store {fs.location} is open read-only; extract needs mode 'a'")
+    fs.check_writable()  # read-only credentials fail here, before the model is loaded
 
     loaded = load_model(model)
     unet = loaded.unet

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from collections.abc import Iterator
@@ -160,6 +161,19 @@ class FeatureStore:
 
     def __repr__(self) -> str:
         return f"FeatureStore({self.location!r}, mode={self.mode!r})"
+
+    @functools.cached_property
+    def objects(self):
+        """The store's small coordination objects (claims, catalog): ``diffeat.store.objects.ObjectStore``."""
+        from diffeat.store.objects import ObjectStore
+
+        return ObjectStore(self.location, self.storage_options)
+
+    def check_writable(self) -> None:
+        """Raise a ``StoreError`` unless this store is open for writing and writes succeed."""
+        if self.mode == "r":
+            raise StoreError(f"store {self.location} is open read-only; extract needs mode 'a'")
+        self.objects.check_writable()
 
     # -- listing ------------------------------------------------------------------------------
     def list_settings(self) -> list[SettingInfo]:
