@@ -36,7 +36,11 @@ def test_chunk_plan_spans_rows_and_shards_large_arrays():
 def _writer(store, n=100, row=(512, 8, 8)):
     attrs = {"setting": {"model": "m", "dataset": "d", "split": "train", "block": 1, "t": 0, "pool": 4,
                          "name": None}}
-    return SettingWriter.open(store, "features/m/d/train/block1_t0_pool4_abc", (n,) + row, "float16", attrs, "test")
+    # One owner for every writer of these tests: a "resumed run" here is the same process.
+    w = SettingWriter.open(store, "features/m/d/train/block1_t0_pool4_abc", (n,) + row, "float16", attrs, "test",
+                           owner="test")
+    w.claim_all()
+    return w
 
 
 def test_units_are_written_whole_and_flagged_then_resumed(tmp_path):

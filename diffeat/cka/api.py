@@ -133,7 +133,7 @@ def _subsample(sources: list[ArraySource], size: int, seed: int, rows: int) -> l
 def cka_matrix(a: Any, b: Any = None, *, kernel: str = "linear", estimator: str = "unbiased", route: str = "auto",
                rbf_threshold: float = 1.0, batch_size: int = 512, passes: int = 1, seed: int = 0,
                precision: str = "float64", memory: str | int | None = None,
-               subsample: int | None = None, block_rows: int | None = None) -> CKAResult:
+               subsample: int | None = None, block_rows: int | None = None, client: Any = None) -> CKAResult:
     """CKA between every setting of ``a`` and every setting of ``b`` (default: ``a`` against itself).
 
     ``a``/``b``: a sequence (or a ``{label: array}`` mapping) of features with the same samples
@@ -148,7 +148,10 @@ def cka_matrix(a: Any, b: Any = None, *, kernel: str = "linear", estimator: str 
     faster, accumulators stay float64); ``memory``: budget such as ``"4GB"`` (default 60% of
     available memory, honouring ``ulimit -v``); ``subsample``: compare a seeded random subset of
     this many samples (e.g. for RBF at large N); ``block_rows``: force the row block / Gram
-    tile size (default: from the budget, whole stored chunks).
+    tile size (default: from the budget, whole stored chunks); ``client``: a
+    ``distributed.Client`` whose workers compute the exact linear routes' row-block sums,
+    reading the settings from their zarr store themselves (:mod:`diffeat.cka.cluster`; the
+    other routes, and features held in memory, run in this process, with a log line).
     """
     start = time.perf_counter()
     if kernel not in KERNELS:
@@ -187,13 +190,34 @@ def cka_matrix(a: Any, b: Any = None, *, kernel: str = "linear", estimator: str 
     mask |= mask.T
     np.fill_diagonal(mask, True)
     chunk_rows = max((s.chunk_rows for s in union if not isinstance(s, LoadedSource)), default=1)
-    plan = make_plan(n=n_used, dims=[s.dim for s in union], itemsize=max(s.dtype.itemsize for s in union),
-                     chunk_rows=chunk_rows, mask=mask, kernel=kernel, route=route, precision=precision, budget=budget,
-                     batch=batch_size, block_rows=block_rows)
+
+    def planned(streamed: bool):
+        return make_plan(n=n_used, dims=[s.dim for s in union], itemsize=max(s.dtype.itemsize for s in union),
+                         chunk_rows=chunk_rows, mask=mask, kernel=kernel, route=route, precision=precision,
+                         budget=budget, batch=batch_size, block_rows=block_rows, streamed=streamed)
+
+    refs = None
+    if client is not None:
+        from diffeat.cka.cluster import cluster_refs
+
+        refs = cluster_refs(client, union, kernel, route)
+    plan = planned(streamed=refs is not None)
+    if refs is not None and plan.route not in ("features", "gram"):
+        refs = cluster_refs(client, union, kernel, plan.route)  # logs that it runs here
+        plan = planned(streamed=False)
     if plan.in_memory:
         union = [load(s, plan.rows) for s in union]
     dtype = np.dtype(precision)
-    if plan.route == "rbf":
+    if refs is not None:
+        from diffeat.cka import cluster
+
+        stats = cluster.cluster_moments(client, refs, union, plan.rows)
+        if plan.route == "features":
+            h = cluster.cluster_features_route(client, refs, union, stats, mask, estimator, dtype, plan.acc_budget,
+                                               plan.rows)
+        else:
+            h = cluster.cluster_gram_route(client, refs, stats, estimator, dtype, plan.tile)
+    elif plan.route == "rbf":
         h = rbf_route(union, mask, estimator, rbf_threshold, budget)
     elif plan.route == "minibatch":
         h = minibatch_route(union, estimator, batch_size, passes, seed, plan.partition_rows, plan.rows)
@@ -211,8 +235,13 @@ def cka_matrix(a: Any, b: Any = None, *, kernel: str = "linear", estimator: str 
                "rbf_threshold": rbf_threshold, "batch_size": batch_size, "passes": passes, "seed": seed,
                "memory": memory, "subsample": subsample, "block_rows": block_rows}
     settings = [{**s.meta, "label": s.label, "dim": s.dim} for s in union]
+    plan_record = plan.as_dict()
+    if client is not None:
+        from diffeat.cluster import describe
+
+        plan_record["cluster"] = {**describe(client), "used": refs is not None}
     return CKAResult([union[i].label for i in row_idx], [union[i].label for i in col_idx],
-                     c[np.ix_(row_idx, col_idx)], kernel, estimator, plan.route, n_used, seconds, plan.as_dict(),
+                     c[np.ix_(row_idx, col_idx)], kernel, estimator, plan.route, n_used, seconds, plan_record,
                      options, settings)
 
 

@@ -143,11 +143,13 @@ def _round_rows(rows: int, chunk: int, n: int) -> int:
 
 
 def make_plan(*, n: int, dims: Sequence[int], itemsize: int, chunk_rows: int, mask: np.ndarray, kernel: str,
-              route: str, precision: str, budget: int, batch: int, block_rows: int | None = None) -> Plan:
+              route: str, precision: str, budget: int, batch: int, block_rows: int | None = None,
+              streamed: bool = False) -> Plan:
     """Pick the route (``route="auto"``) and block sizes for ``len(dims)`` settings of ``n`` rows.
 
     ``block_rows`` forces the row block and Gram tile size (tuning, tests); by default they
-    are chosen from the budget and rounded to whole stored chunks.
+    are chosen from the budget and rounded to whole stored chunks. ``streamed``: never load
+    the data (a dask cluster's workers read the blocks from the store).
     """
     if block_rows is not None and block_rows < 1:
         raise DiffeatError(f"--block-rows must be at least 1, got {block_rows}")
@@ -158,7 +160,7 @@ def make_plan(*, n: int, dims: Sequence[int], itemsize: int, chunk_rows: int, ma
     count = len(dims)
     dims_a = np.asarray(dims, dtype=np.float64)
     data_bytes = float(dims_a.sum()) * n * itemsize
-    in_memory = data_bytes <= 0.5 * budget
+    in_memory = data_bytes <= 0.5 * budget and not streamed
     rest = budget - (data_bytes if in_memory else 0.0)
     cbytes = 8  # centered blocks are float64 before any cast
     pairs = [(i, j) for i in range(count) for j in range(i, count) if mask[i, j]]

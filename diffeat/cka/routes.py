@@ -11,13 +11,16 @@ centered with float64 means before any product; every accumulator is float64.
   setting's Gram is computed once and reused for all pairs. Cost Σᵢ N²·Dᵢ + L²N².
 * ``minibatch``: Nguyen et al. (2021): HSIC summed over uniformly random batches.
 * ``rbf``: Gram matrices held in memory (an RBF Gram has no feature-space shortcut).
+
+The exact linear routes are sums over row ranges (:func:`feature_stats`) or runs of Gram
+tiles (:func:`gram_row_block`); :mod:`diffeat.cka.cluster` runs those as dask tasks.
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
 from scipy.linalg.blas import dgemm, dsyrk
@@ -57,9 +60,37 @@ def add_products(acc: np.ndarray, stack: np.ndarray, weight: float = 1.0) -> Non
     acc += np.triu(upper) + np.triu(upper, 1).T
 
 
+def feature_stats(sources: Sequence[ArraySource] | Mapping[int, ArraySource], moments: Sequence[Moments],
+                  group: Sequence[tuple[int, int]], rows: int, dtype: np.dtype, lo: int = 0, hi: int | None = None
+                  ) -> tuple[dict[tuple[int, int], np.ndarray], np.ndarray]:
+    """Row-additive statistics of the feature route over rows ``[lo, hi)``, in float64.
+
+    Returns ``{(i, j): Σ Xᵢᵀ Xⱼ}`` for the pairs of ``group`` (centered features) and
+    ``Σ sᵀs`` (row squared norms) over the settings involved, in sorted index order. Sums
+    over disjoint row ranges add up (the dask cluster route reduces them on the client).
+    """
+    involved = sorted({i for p in group for i in p})
+    pos = {i: k for k, i in enumerate(involved)}
+    accs = {p: np.zeros((sources[p[0]].dim, sources[p[1]].dim), order="F") for p in group}
+    s_dot = np.zeros((len(involved), len(involved)))
+    for _, blocks in iter_rows([sources[i] for i in involved], rows, lo, hi):
+        centered = [_center(b, moments[i], dtype) for i, b in zip(involved, blocks)]
+        s = np.stack([c[1] for c in centered], axis=1)
+        s_dot += s.T @ s
+        for i, j in group:
+            _accumulate(accs[(i, j)], centered[pos[i]][0], centered[pos[j]][0])
+    return accs, s_dot
+
+
 def features_route(sources: Sequence[ArraySource], moments: Sequence[Moments], mask: np.ndarray, estimator: str,
-                   dtype: np.dtype, acc_budget: int, rows: int) -> np.ndarray:
-    """HSIC for the pairs in ``mask`` from feature-space statistics (see estimators' docstring)."""
+                   dtype: np.dtype, acc_budget: int, rows: int,
+                   group_stats: Callable[[list[tuple[int, int]]], tuple[dict, np.ndarray]] | None = None
+                   ) -> np.ndarray:
+    """HSIC for the pairs in ``mask`` from feature-space statistics (see estimators' docstring).
+
+    ``group_stats(group)`` computes :func:`feature_stats` over all rows for a group of pairs
+    (default: in this process, streaming row blocks of ``rows``).
+    """
     n = moments[0].n
     dims = [s.dim for s in sources]
     count = len(sources)
@@ -72,14 +103,10 @@ def features_route(sources: Sequence[ArraySource], moments: Sequence[Moments], m
     for group in groups:
         involved = sorted({i for p in group for i in p})
         pos = {i: k for k, i in enumerate(involved)}
-        accs = {p: np.zeros((dims[p[0]], dims[p[1]]), order="F") for p in group}
-        s_dot = np.zeros((len(involved), len(involved)))
-        for _, blocks in iter_rows([sources[i] for i in involved], rows):
-            centered = [_center(b, moments[i], dtype) for i, b in zip(involved, blocks)]
-            s = np.stack([c[1] for c in centered], axis=1)
-            s_dot += s.T @ s
-            for i, j in group:
-                _accumulate(accs[(i, j)], centered[pos[i]][0], centered[pos[j]][0])
+        if group_stats is None:
+            accs, s_dot = feature_stats(sources, moments, group, rows, dtype)
+        else:
+            accs, s_dot = group_stats(group)
         for (i, j), acc in accs.items():
             cross_sq = float(np.einsum("ij,ij->", acc, acc))
             h[i, j] = h[j, i] = feature_hsic(cross_sq, s_dot[pos[i], pos[j]], moments[i].total, moments[j].total, n,
@@ -125,19 +152,62 @@ def gram_route(sources: Sequence[ArraySource], moments: Sequence[Moments], estim
         for c0, blocks in itertools.chain([(r0, None)], later):
             same = c0 == r0
             cols_x, cols_s = (rows_x, rows_s) if same else prepare(c0, blocks)
-            stack = np.empty((count, (r1 - r0) * len(cols_s)))
-            for i in range(count):
-                g = stack[i].reshape(r1 - r0, len(cols_s))
-                if dtype == np.float64:
-                    np.matmul(rows_x[i], cols_x[i].T, out=g)
-                else:
-                    g[...] = rows_x[i] @ cols_x[i].T
-                if estimator == "unbiased":
-                    u_center_tile(g, rows_s[:, i], cols_s[:, i], totals[i], n, diagonal=same)
-                # biased: the Gram of centered features is already double-centered
-            # Tiles off the diagonal stand for themselves and their mirror image.
-            add_products(acc, stack, 1.0 if same else 2.0)
+            add_gram_tile(acc, rows_x, rows_s, cols_x, cols_s, totals, n, estimator, dtype, same)
     return acc * hsic_scale(n, estimator)
+
+
+def add_gram_tile(acc: np.ndarray, rows_x: Sequence[np.ndarray], rows_s: np.ndarray, cols_x: Sequence[np.ndarray],
+                  cols_s: np.ndarray, totals: Sequence[float], n: int, estimator: str, dtype: np.dtype,
+                  same: bool) -> None:
+    """``acc += w · stack stackᵀ`` for one Gram tile position of every setting (unscaled HSIC terms).
+
+    ``rows_x``/``cols_x``: each setting's centered row blocks; ``rows_s``/``cols_s``: their row
+    squared norms (rows × settings); ``same``: the tile is on the diagonal (w = 1, else 2: a
+    tile off the diagonal stands for itself and its mirror image).
+    """
+    count = len(rows_x)
+    m_rows, m_cols = len(rows_s), len(cols_s)
+    stack = np.empty((count, m_rows * m_cols))
+    for i in range(count):
+        g = stack[i].reshape(m_rows, m_cols)
+        if dtype == np.float64:
+            np.matmul(rows_x[i], cols_x[i].T, out=g)
+        else:
+            g[...] = rows_x[i] @ cols_x[i].T
+        if estimator == "unbiased":
+            u_center_tile(g, rows_s[:, i], cols_s[:, i], totals[i], n, diagonal=same)
+        # biased: the Gram of centered features is already double-centered
+    add_products(acc, stack, 1.0 if same else 2.0)
+
+
+def gram_row_block(sources: Sequence[ArraySource], moments: Sequence[Moments], r0: int, tile: int, estimator: str,
+                   dtype: np.dtype, c_lo: int | None = None, c_hi: int | None = None) -> np.ndarray:
+    """Unscaled HSIC terms (L × L) of the Gram tiles ``(r0, c0)`` for ``c0`` in ``[c_lo, c_hi)``.
+
+    ``c_lo`` (default ``r0``) and ``c_hi`` (default n) are multiples of ``tile`` with
+    ``c_lo ≥ r0``: a run of the upper triangle's row ``r0``. Summed over every tile of the upper
+    triangle and scaled by :func:`hsic_scale`, they give what :func:`gram_route` returns (the
+    dask cluster route runs one run per task).
+    """
+    n = moments[0].n
+    c_lo = r0 if c_lo is None else c_lo
+    c_hi = n if c_hi is None else min(n, c_hi)
+    totals = [m.total for m in moments]
+    acc = np.zeros((len(sources), len(sources)))
+
+    def center(blocks: Sequence[np.ndarray]) -> tuple[list[np.ndarray], np.ndarray]:
+        centered = [_center(b, m, dtype) for b, m in zip(blocks, moments)]
+        return [c[0] for c in centered], np.stack([c[1] for c in centered], axis=1)
+
+    rows_x, rows_s = center([s.read(r0, min(n, r0 + tile)) for s in sources])
+    if c_lo == r0:
+        add_gram_tile(acc, rows_x, rows_s, rows_x, rows_s, totals, n, estimator, dtype, True)
+        c_lo += tile
+    if c_lo < c_hi:
+        for _, blocks in iter_rows(sources, tile, lo=c_lo, hi=c_hi):
+            cols_x, cols_s = center(blocks)
+            add_gram_tile(acc, rows_x, rows_s, cols_x, cols_s, totals, n, estimator, dtype, False)
+    return acc
 
 
 def minibatch_route(sources: Sequence[ArraySource], estimator: str, batch: int, passes: int, seed: int,

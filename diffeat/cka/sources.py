@@ -60,11 +60,15 @@ class ArraySource:
         block = np.asarray(self.array[lo:hi])
         return np.ascontiguousarray(block.reshape(hi - lo, self.dim), dtype=self.dtype)
 
-    def iter_blocks(self, rows: int) -> Iterator[tuple[int, np.ndarray]]:
-        """``(start, block)`` over contiguous row blocks of about ``rows`` rows, chunk-aligned."""
+    def block_ranges(self, rows: int) -> list[tuple[int, int]]:
+        """``(lo, hi)`` of contiguous row blocks of about ``rows`` rows, rounded up to whole stored chunks."""
         step = max(self.chunk_rows, -(-rows // self.chunk_rows) * self.chunk_rows)
-        for lo in range(0, self.n, step):
-            yield lo, self.read(lo, min(self.n, lo + step))
+        return [(lo, min(self.n, lo + step)) for lo in range(0, self.n, step)]
+
+    def iter_blocks(self, rows: int) -> Iterator[tuple[int, np.ndarray]]:
+        """``(start, block)`` over :meth:`block_ranges`."""
+        for lo, hi in self.block_ranges(rows):
+            yield lo, self.read(lo, hi)
 
 
 class FeatureSetSource(ArraySource):
@@ -220,21 +224,29 @@ class Moments:
     total: float
 
 
-def moments(source: ArraySource, rows: int) -> Moments:
-    """One streaming pass: means and ``S``, merged per block with Chan's formula (no cancellation)."""
-    n, mean, total = 0, np.zeros(source.dim), 0.0
-    for _, block in prefetch(source.iter_blocks(rows)):
-        b = np.asarray(block, dtype=np.float64)
-        m = len(b)
-        bmean = b.mean(axis=0)
-        bc = b - bmean
-        bss = float(np.einsum("ij,ij->", bc, bc))
+def block_moments(block: np.ndarray) -> tuple[int, np.ndarray, float]:
+    """``(rows, column means, centered sum of squares)`` of one block, in float64."""
+    b = np.asarray(block, dtype=np.float64)
+    bmean = b.mean(axis=0)
+    bc = b - bmean
+    return len(b), bmean, float(np.einsum("ij,ij->", bc, bc))
+
+
+def merge_moments(parts: Iterable[tuple[int, np.ndarray, float]], dim: int) -> Moments:
+    """Fold per-block :func:`block_moments`, in order, with Chan's formula (no cancellation)."""
+    n, mean, total = 0, np.zeros(dim), 0.0
+    for m, bmean, bss in parts:
         delta = bmean - mean
         new_n = n + m
         total += bss + float(delta @ delta) * n * m / new_n
         mean += delta * (m / new_n)
         n = new_n
     return Moments(n, mean, total)
+
+
+def moments(source: ArraySource, rows: int) -> Moments:
+    """One streaming pass: means and ``S``, merged per block with Chan's formula (no cancellation)."""
+    return merge_moments((block_moments(block) for _, block in prefetch(source.iter_blocks(rows))), source.dim)
 
 
 def load(source: ArraySource, rows: int) -> LoadedSource:

@@ -36,10 +36,16 @@ from diffeat.cli.options import echo_json, parse_int_list, storage_options
 @click.option("--rbf-threshold", default=1.0, show_default=True, type=float,
               help="RBF bandwidth as a fraction of the median pairwise distance.")
 @click.option("--subsample", type=int, help="Compare a seeded random subset of this many samples.")
+@click.option("--scheduler", metavar="ADDRESS",
+              help="Compute on a running dask cluster: its scheduler address (tcp://10.0.0.1:8786) or scheduler "
+              "file. Workers read the store themselves, so it must be a shared path or a URL. Exact linear routes "
+              "only; minibatch and RBF run here.")
+@click.option("--workers", type=int, metavar="N",
+              help="Compute on a local dask cluster of N worker processes (1 thread each), started for this run.")
 @click.option("--out", type=click.Path(file_okay=False), help="Write cka.csv, cka.npy, cka.png and cka.json here.")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of text.")
 def cka(store, storage_opts, dataset, split, model, a_specs, b_specs, blocks, ts, pools, names, kernel, estimator,
-        route, precision, memory, batch_size, passes, seed, rbf_threshold, subsample, out, as_json):
+        route, precision, memory, batch_size, passes, seed, rbf_threshold, subsample, scheduler, workers, out, as_json):
     """CKA between cached feature settings: one pair, or a matrix with a heatmap.
 
     Never writes to the store. Settings must come from the same dataset split (their
@@ -50,6 +56,7 @@ def cka(store, storage_opts, dataset, split, model, a_specs, b_specs, blocks, ts
       diffeat cka --store feats.zarr --dataset cub --a block=24,t=90,pool=1 --b block=19,t=90,pool=1
       diffeat cka --store feats.zarr --dataset cub --blocks 1-37 --t 90 --pool 1 --out cka/
       diffeat cka --store feats.zarr --dataset cub --blocks 1-37 --t 90 --b resnet50 --out cka/
+      diffeat cka --store feats.zarr --dataset cub --blocks 1-37 --t 90 --pool 1 --workers 8
     """
     from diffeat.cka.settings import SettingSpec, grid, store_cka
 
@@ -62,7 +69,7 @@ def cka(store, storage_opts, dataset, split, model, a_specs, b_specs, blocks, ts
     result = store_cka(store, dataset, split, rows, cols, model=model, storage_options=storage_options(storage_opts),
                        kernel=kernel, estimator=estimator, route=route, precision=precision, memory=memory,
                        batch_size=batch_size, passes=passes, seed=seed, rbf_threshold=rbf_threshold,
-                       subsample=subsample)
+                       subsample=subsample, scheduler=scheduler, workers=workers)
     files = {}
     if out:
         from diffeat.cka.output import write_outputs

@@ -24,6 +24,7 @@ from diffeat import __version__
 from diffeat.errors import StoreError
 from diffeat.store.layout import check_name, plan_chunks, setting_path, settings_hash
 from diffeat.store.reader import FeatureStore, SettingInfo
+from diffeat.store.catalog import entry_key
 from diffeat.store.writer import SettingWriter
 
 logger = logging.getLogger(__name__)
@@ -140,7 +141,8 @@ def import_features(store: FeatureStore, dataset: str, split: str, name: str, ar
             "source": attrs or {}, "versions": {"diffeat": __version__}}
     writer = SettingWriter.open(store, path, out_shape, store_dtype, meta, label=f"import {name}")
     outcome = "cached" if not writer.pending else "resumed" if len(writer.pending) < plan.n_units else "written"
-    for u in sorted(writer.pending):
+    writer.claim_all()
+    for u in sorted(writer.claimed):
         lo, hi = plan.unit_range(u)
         writer.add(np.arange(lo, hi), _rows(array, order, lo, hi))
     if not writer.publish():
@@ -167,3 +169,4 @@ def _check_existing(store: FeatureStore, dataset: str, split: str, name: str, mo
                          f"({path}); use --overwrite to replace it")
     logger.warning("replacing import %s (%s)", name, path)
     del store.root[path]
+    store.objects.delete(entry_key(old.get("settings_hash", "")))

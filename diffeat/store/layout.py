@@ -107,8 +107,16 @@ class ChunkPlan:
         return lo, min(self.n, lo + self.unit_rows)
 
 
-def plan_chunks(n: int, row_bytes: int) -> ChunkPlan:
-    """Chunk rows along N only; shard when the array is large (work unit = shard)."""
+def plan_chunks(n: int, row_bytes: int, chunk_rows: int | None = None) -> ChunkPlan:
+    """Chunk rows along N only; shard when the array is large (work unit = shard).
+
+    ``chunk_rows`` (a power of two) forces unsharded chunks of that many rows: smaller
+    units of work, for many concurrent writers on a small dataset.
+    """
+    if chunk_rows is not None:
+        if chunk_rows < 1 or chunk_rows & (chunk_rows - 1):
+            raise StoreError(f"--chunk-rows {chunk_rows} is invalid: it must be a power of two >= 1")
+        return ChunkPlan(n, chunk_rows, None)
     if n * row_bytes <= SHARD_ABOVE_BYTES:
         rows = min(_pow2_rows(CHUNK_TARGET_BYTES, row_bytes), 1 << max(0, (n - 1).bit_length()))
         return ChunkPlan(n, max(1, rows), None)

@@ -9,16 +9,115 @@ put with ``If-None-Match: *``; moto and AWS both honour it).
 
 Keys are ``/``-separated paths relative to the store root; they are built by diffeat
 from validated names (``layout.check_name``), never taken from users as is.
+
+Remote stores (any fsspec URL: ``s3://``, ``gs://`` ...) are also read and written by zarr
+through ``RemoteZarrStore``. Both it and ``ObjectStore`` turn errors of access (denied, no
+credentials, unreachable endpoint, missing bucket) into one-line ``StoreError``s naming the
+store (``remote_error``), and never cache listings (``remote_options``): other writers add
+objects while a process runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 
+from zarr.storage import FsspecStore
+
 from diffeat.errors import StoreError
+
+#: fsspec protocols whose first path component is a bucket (or container).
+BUCKET_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "r2"})
+
+#: exception class names (anywhere in the MRO) of remote filesystems, matched by name so that
+#: botocore, aiohttp, google-auth ... need not be imported to recognise them.
+_CREDENTIAL_ERRORS = frozenset({"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError",
+                                "NoAuthTokenError", "DefaultCredentialsError", "RefreshError"})
+_CONNECTION_ERRORS = frozenset({"EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError",
+                                "ReadTimeoutError", "ProxyConnectionError", "ClientConnectorError",
+                                "ServerDisconnectedError", "ClientOSError", "ServerTimeoutError",
+                                "ConnectionError", "TimeoutError", "gaierror"})
+_MISSING_OK = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError)
+
+
+def protocol(location: str) -> str:
+    """The fsspec protocol of a location: ``s3`` for ``s3://b/p``, ``file`` for a plain path."""
+    return location.split("://", 1)[0].lower() if "://" in location else "file"
+
+
+def remote_options(location: str, storage_options: dict | None) -> dict:
+    """fsspec options for a store at ``location``: the user's, plus no listings cache on object stores.
+
+    Other writers add objects (units, claims, catalog entries) while a process runs; a cached
+    listing would hide them, so object-store listings always go to the server.
+    """
+    opts = dict(storage_options or {})
+    if protocol(location) in BUCKET_PROTOCOLS:
+        opts.setdefault("use_listings_cache", False)
+    return opts
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0]
+
+
+def remote_error(location: str, e: BaseException, *, writing: bool) -> StoreError | None:
+    """A one-line ``StoreError`` naming ``location`` for an error of a remote store, or None.
+
+    None for errors that are not about access (a missing key is for the caller to handle).
+    Access denied, missing credentials, an unreachable endpoint, a missing bucket and any
+    other error the filesystem reports (``OSError``) are translated.
+    """
+    if isinstance(e, StoreError):
+        return e
+    names = {c.__name__ for c in type(e).__mro__}
+    why = _first_line(e)
+    if names & _CREDENTIAL_ERRORS:
+        return StoreError(
+            f"no credentials for feature store {location} ({why}): set AWS_ACCESS_KEY_ID and "
+            "AWS_SECRET_ACCESS_KEY (or AWS_PROFILE), or pass --storage-options '{\"key\": ..., \"secret\": ...}' "
+            "('{\"anon\": true}' for a public bucket)"
+        )
+    if isinstance(e, PermissionError):
+        if writing:
+            return StoreError(
+                f"feature store {location} is not writable with these credentials ({why}): extract and import "
+                "need write access; probe, cka, ls and verify work read-only"
+            )
+        return StoreError(f"access denied reading feature store {location} ({why}): check the credentials "
+                          "(AWS_ACCESS_KEY_ID / AWS_PROFILE, or --storage-options)")
+    if names & _CONNECTION_ERRORS:
+        return StoreError(
+            f"cannot reach the object store of {location} ({type(e).__name__}: {why}): check the endpoint "
+            "(AWS_ENDPOINT_URL, or --storage-options '{\"client_kwargs\": {\"endpoint_url\": ...}}') and the network"
+        )
+    if isinstance(e, FileNotFoundError) and "bucket" in why.lower():
+        return StoreError(f"feature store {location}: {missing_bucket(location)}")
+    if isinstance(e, _MISSING_OK):
+        return None
+    if isinstance(e, OSError) or "ClientError" in names or "BotoCoreError" in names:
+        return StoreError(f"feature store {location}: the object store refused a "
+                          f"{'write' if writing else 'read'} ({type(e).__name__}: {why})")
+    return None
+
+
+def missing_bucket(location: str) -> str:
+    """The sentence for a missing bucket: which one, and what to check."""
+    bucket = location.split("://", 1)[-1].split("/", 1)[0]
+    return (f"bucket {bucket!r} does not exist (or is not visible with these credentials or this endpoint)")
+
+
+def reraise_remote(location: str, e: BaseException, *, writing: bool):
+    """Raise ``remote_error(...)`` for ``e`` if it is one, else ``e`` itself (call in an ``except``)."""
+    err = remote_error(location, e, writing=writing)
+    if err is None or err is e:
+        raise e
+    raise err from e
 
 
 def _local_path(location: str) -> Path | None:
@@ -38,8 +137,19 @@ class ObjectStore:
         if self._local is None:
             import fsspec
 
-            self.fs, self.root = fsspec.core.url_to_fs(location, **(storage_options or {}))
+            try:
+                self.fs, self.root = fsspec.core.url_to_fs(location, **remote_options(location, storage_options))
+            except ImportError as e:
+                raise StoreError(f"feature store {location}: {e} (for s3:// install diffeat[s3])") from e
             self.root = self.root.rstrip("/")
+
+    @contextlib.contextmanager
+    def _remote(self, *, writing: bool) -> Iterator[None]:
+        """Translate errors of the remote filesystem into one-line ``StoreError``s."""
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001 - translated or re-raised as is
+            reraise_remote(self.location, e, writing=writing)
 
     def _path(self, key: str) -> str:
         if key.startswith("/") or ".." in key.split("/"):
@@ -63,7 +173,8 @@ class ObjectStore:
             finally:
                 os.unlink(tmp)
         try:
-            self.fs.pipe_file(path, data, mode="create")
+            with self._remote(writing=True):
+                self.fs.pipe_file(path, data, mode="create")
             return True
         except FileExistsError:
             return False
@@ -78,7 +189,8 @@ class ObjectStore:
                 f.write(data)
             os.replace(tmp, path)
             return
-        self.fs.pipe_file(path, data)
+        with self._remote(writing=True):
+            self.fs.pipe_file(path, data)
 
     def delete(self, key: str) -> None:
         """Remove ``key`` if present."""
@@ -87,7 +199,8 @@ class ObjectStore:
             if self._local is not None:
                 os.unlink(path)
             else:
-                self.fs.rm_file(path)
+                with self._remote(writing=True):
+                    self.fs.rm_file(path)
         except FileNotFoundError:
             pass
 
@@ -98,7 +211,8 @@ class ObjectStore:
         try:
             if self._local is not None:
                 return Path(path).read_bytes()
-            return self.fs.cat_file(path)
+            with self._remote(writing=False):
+                return self.fs.cat_file(path)
         except FileNotFoundError:
             return None
 
@@ -113,9 +227,17 @@ class ObjectStore:
                 if data is not None:
                     out[k] = data
             return out
-        paths = {self._path(k): k for k in keys}
-        got = self.fs.cat(list(paths), on_error="omit")
-        return {paths[p if p in paths else p.split("://", 1)[-1]]: v for p, v in got.items()}
+        paths = {self.fs._strip_protocol(self._path(k)): k for k in keys}
+        with self._remote(writing=False):
+            got = self.fs.cat(list(paths), on_error="return")
+        out = {}
+        for p, v in got.items():
+            if isinstance(v, BaseException):
+                if isinstance(v, FileNotFoundError) and remote_error(self.location, v, writing=False) is None:
+                    continue  # deleted between the listing and the read
+                reraise_remote(self.location, v, writing=False)
+            out[paths[self.fs._strip_protocol(p)]] = v
+        return out
 
     def list(self, prefix: str) -> dict[str, int]:
         """``{key: size}`` of every object under ``prefix`` (recursive; one listing on S3)."""
@@ -132,7 +254,8 @@ class ObjectStore:
                     out[os.path.relpath(full, self._local).replace(os.sep, "/")] = os.path.getsize(full)
             return out
         try:
-            found = self.fs.find(base, detail=True)
+            with self._remote(writing=False):
+                found = self.fs.find(base, detail=True)
         except FileNotFoundError:
             return out
         root = self.root + "/"
@@ -159,8 +282,118 @@ class ObjectStore:
         try:
             self.put(key, b"diffeat write test")
             self.delete(key)
+        except StoreError:
+            raise  # a remote store's error, translated with the store's URL
         except (PermissionError, OSError) as e:
             raise StoreError(
-                f"feature store {self.location} is not writable ({type(e).__name__}: {e}): extract needs write "
-                "access; probe, cka, ls and verify work read-only"
+                f"feature store {self.location} is not writable ({type(e).__name__}: {_first_line(e)}): extract "
+                "needs write access; probe, cka, ls and verify work read-only"
             ) from e
+
+    def missing_reason(self) -> str | None:
+        """Why a remote store holds no ``zarr.json``: a missing bucket, an empty prefix; None if unknown."""
+        if self._local is not None:
+            return None
+        try:
+            found = self.fs.ls(self.root, detail=False)
+        except FileNotFoundError as e:
+            if "bucket" in _first_line(e).lower():
+                return missing_bucket(self.location)
+            return "nothing is stored under that prefix"
+        except Exception as e:  # noqa: BLE001 - access denied, unreachable ...: translated
+            reraise_remote(self.location, e, writing=False)
+        if not found:
+            return "nothing is stored under that prefix"
+        return f"the prefix holds {len(found)} entries but no zarr.json"
+
+
+class RemoteZarrStore(FsspecStore):
+    """zarr's ``FsspecStore`` whose errors of access (denied, no credentials, unreachable endpoint,
+    missing bucket) are one-line ``StoreError``s naming the store, instead of tracebacks
+    from deep inside zarr, fsspec and botocore. A missing key is still just a missing key."""
+
+    location: str = ""
+
+    @classmethod
+    def open(cls, location: str, *, read_only: bool, storage_options: dict | None = None) -> RemoteZarrStore:
+        """The store at fsspec URL ``location`` (``remote_options`` applied to ``storage_options``)."""
+        try:
+            store = cls.from_url(location, storage_options=remote_options(location, storage_options),
+                                 read_only=read_only)
+        except ImportError as e:
+            raise StoreError(f"feature store {location}: {e} (for s3:// install diffeat[s3])") from e
+        except Exception as e:  # noqa: BLE001 - translated or re-raised as is
+            reraise_remote(location, e, writing=not read_only)
+        store.location = location
+        return store
+
+    def with_read_only(self, read_only: bool = False) -> RemoteZarrStore:
+        store = super().with_read_only(read_only)
+        store.location = self.location
+        return store
+
+    def __repr__(self) -> str:
+        return f"<RemoteZarrStore({self.location})>"
+
+    async def get(self, key, prototype, byte_range=None):
+        try:
+            return await super().get(key, prototype, byte_range)
+        except Exception as e:  # noqa: BLE001
+            reraise_remote(self.location, e, writing=False)
+
+    async def get_partial_values(self, prototype, key_ranges):
+        try:
+            return await super().get_partial_values(prototype, key_ranges)
+        except Exception as e:  # noqa: BLE001
+            reraise_remote(self.location, e, writing=False)
+
+    async def exists(self, key):
+        try:
+            return await super().exists(key)
+        except Exception as e:  # noqa: BLE001
+            reraise_remote(self.location, e, writing=False)
+
+    async def getsize(self, key):
+        try:
+            return await super().getsize(key)
+        except Exception as e:  # noqa: BLE001
+            reraise_remote(self.location, e, writing=False)
+
+    async def set(self, key, value, byte_range=None):
+        try:
+            return await super().set(key, value, byte_range)
+        except Exception as e:  # noqa: BLE001
+            reraise_remote(self.location, e, writing=True)
+
+    async def delete(self, key):
+        try:
+            return await super().delete(key)
+        except Exception as e:  # noqa: BLE001
+            reraise_remote(self.location, e, writing=True)
+
+    async def delete_dir(self, prefix):
+        try:
+            return await super().delete_dir(prefix)
+        except Exception as e:  # noqa: BLE001
+            reraise_remote(self.location, e, writing=True)
+
+    async def list(self):
+        try:
+            async for key in super().list():
+                yield key
+        except Exception as e:  # noqa: BLE001
+            reraise_remote(self.location, e, writing=False)
+
+    async def list_prefix(self, prefix):
+        try:
+            async for key in super().list_prefix(prefix):
+                yield key
+        except Exception as e:  # noqa: BLE001
+            reraise_remote(self.location, e, writing=False)
+
+    async def list_dir(self, prefix):
+        try:
+            async for key in super().list_dir(prefix):
+                yield key
+        except Exception as e:  # noqa: BLE001
+            reraise_remote(self.location, e, writing=False)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
@@ -24,11 +25,18 @@ def is_url(location: str) -> bool:
 
 
 def make_zarr_store(location: str, *, read_only: bool, storage_options: dict | None = None):
-    """A zarr store object for a path or fsspec URL."""
-    from zarr.storage import FsspecStore, LocalStore
+    """A zarr store object for a path or fsspec URL.
+
+    URLs get a ``RemoteZarrStore``: listings are never cached (other writers add objects)
+    and access errors (denied, no credentials, unreachable endpoint, missing bucket) are
+    one-line ``StoreError``s naming the store.
+    """
+    from zarr.storage import LocalStore
 
     if is_url(location):
-        return FsspecStore.from_url(location, storage_options=storage_options or {}, read_only=read_only)
+        from diffeat.store.objects import RemoteZarrStore
+
+        return RemoteZarrStore.open(location, read_only=read_only, storage_options=storage_options)
     path = location[len("file://"):] if location.startswith("file://") else location
     return LocalStore(os.path.abspath(os.path.expanduser(path)), read_only=read_only)
 
@@ -51,6 +59,8 @@ class SettingInfo:
     settings_hash: str = ""
     created: str = ""
     created_by: dict = field(default_factory=dict, compare=False)
+    completed: str | None = None
+    stored_bytes: int | None = None  # compressed bytes on the store (from the catalog)
 
     def label(self) -> str:
         """Short human label: ``b24/t90/p1``, or the import name."""
@@ -75,6 +85,16 @@ def _info_from_array(path: str, arr: zarr.Array) -> SettingInfo | None:
         pool=s.get("pool"), name=s.get("name"), shape=tuple(arr.shape), dtype=str(arr.dtype),
         status=meta.get("status", "in_progress"), path=path, settings_hash=meta.get("settings_hash", ""),
         created=meta.get("created", ""), created_by=meta.get("created_by", {}),
+    )
+
+
+def _info_from_entry(e: dict) -> SettingInfo:
+    s = e["setting"]
+    return SettingInfo(
+        model=s["model"], dataset=s["dataset"], split=s["split"], block=s.get("block"), t=s.get("t"),
+        pool=s.get("pool"), name=s.get("name"), shape=tuple(e["shape"]), dtype=e["dtype"], status=e["status"],
+        path=e["path"], settings_hash=e.get("settings_hash", ""), created=e.get("created", ""),
+        created_by=e.get("created_by", {}), completed=e.get("completed"), stored_bytes=e.get("stored_bytes"),
     )
 
 
@@ -148,8 +168,14 @@ class FeatureStore:
                 if "diffeat" not in self.root.attrs:
                     self.root.attrs["diffeat"] = {"store_format": STORE_FORMAT}
         except FileNotFoundError as e:
-            raise StoreError(f"no feature store at {self.location} (run `diffeat extract --store ...` first)") from e
+            why = self.objects.missing_reason() if is_url(self.location) else None
+            if why is None:
+                raise StoreError(f"no feature store at {self.location} (run `diffeat extract --store ...` first)") from e
+            raise StoreError(f"no feature store at {self.location}: {why}; check the URL, or run "
+                             "`diffeat extract --store ...` first") from e
         except PermissionError as e:
+            if read_only:
+                raise StoreError(f"feature store {self.location} cannot be read: {e}") from e
             raise StoreError(f"feature store {self.location} is not writable: {e}") from e
         fmt = dict(self.root.attrs).get("diffeat", {}).get("store_format")
         if fmt is None:
@@ -176,8 +202,20 @@ class FeatureStore:
         self.objects.check_writable()
 
     # -- listing ------------------------------------------------------------------------------
-    def list_settings(self) -> list[SettingInfo]:
-        """Every feature array in the store, sorted by model, dataset, split, block, t, pool."""
+    def list_settings(self, *, walk: bool = False) -> list[SettingInfo]:
+        """Every feature array in the store, sorted by model, dataset, split, block, t, pool.
+
+        Read from the catalog (``_catalog/``: one listing) when the store has one;
+        ``walk=True``, or a store without a catalog, walks the Zarr hierarchy instead.
+        """
+        from diffeat.store.catalog import read_catalog
+
+        entries = None if walk else read_catalog(self.objects)
+        out = [_info_from_entry(e) for e in entries] if entries is not None else self._walk()
+        key = lambda s: (s.model, s.dataset, s.split, s.name or "", s.block or 0, s.t or 0, s.pool or 0)  # noqa: E731
+        return sorted(out, key=key)
+
+    def _walk(self) -> list[SettingInfo]:
         if "features" not in self.root:
             return []
         out = []
@@ -186,8 +224,7 @@ class FeatureStore:
                 info = _info_from_array(f"features/{path}", node)
                 if info is not None:
                     out.append(info)
-        key = lambda s: (s.model, s.dataset, s.split, s.name or "", s.block or 0, s.t or 0, s.pool or 0)  # noqa: E731
-        return sorted(out, key=key)
+        return out
 
     def find(self, *, dataset: str, split: str, block: int | None = None, t: int | None = None,
              pool: int | None = None, model: str | None = None, name: str | None = None) -> SettingInfo:
@@ -239,13 +276,14 @@ class FeatureStore:
                       require_complete: bool = True) -> FeatureSet:
         """Open one setting with its sample table (see ``find`` for matching)."""
         info = self.find(dataset=dataset, split=split, block=block, t=t, pool=pool, model=model, name=name)
+        array = zarr.open_array(store=self.root.store, path=info.path, mode="r")
+        meta = dict(array.attrs)["diffeat"]
+        info = dataclasses.replace(info, status=meta.get("status", "in_progress"))  # the array is the truth
         if require_complete and info.status != "complete":
             raise StoreError(
                 f"features {info.path} are not complete (status {info.status!r}): finish them with "
                 "`diffeat extract` (it resumes) before reading"
             )
-        array = zarr.open_array(store=self.root.store, path=info.path, mode="r")
-        meta = dict(array.attrs)["diffeat"]
         ids, labels, classes = self.sample_table(dataset, split, meta.get("manifest_sha256"))
         if len(ids) != array.shape[0]:
             raise StoreError(f"{info.path} has {array.shape[0]} rows but its sample table has {len(ids)}")

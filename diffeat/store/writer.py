@@ -19,6 +19,7 @@ import logging
 import platform
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -26,7 +27,9 @@ import zarr
 
 from diffeat import __version__
 from diffeat.errors import StoreError
-from diffeat.store.layout import STORE_FORMAT, ChunkPlan, plan_chunks, table_path
+from diffeat.store import catalog
+from diffeat.store.claims import CREATE, Claims
+from diffeat.store.layout import STORE_FORMAT, ChunkPlan, plan_chunks, settings_hash, table_path
 from diffeat.store.reader import FeatureStore
 
 logger = logging.getLogger(__name__)
@@ -82,51 +85,61 @@ def write_sample_table(store: FeatureStore, table) -> str:
 
 @dataclass
 class SettingWriter:
-    """Writes one setting (one feature array) unit by unit."""
+    """Writes one setting (one feature array) unit by unit, claiming each unit first.
+
+    ``pending``: units whose ledger flag is not set. ``claimed``: pending units this
+    writer holds a claim on; only those are written (see ``diffeat.store.claims``).
+    """
 
     array: zarr.Array
     done: zarr.Array
     plan: ChunkPlan
     path: str
     label: str
+    store: FeatureStore
+    claims: Claims
     _buffers: dict[int, np.ndarray] = field(default_factory=dict)
     _filled: dict[int, int] = field(default_factory=dict)
     pending: set[int] = field(default_factory=set)
+    claimed: set[int] = field(default_factory=set)
+    written: int = 0  # units this writer wrote
 
     @classmethod
     def open(cls, store: FeatureStore, path: str, shape: tuple[int, ...], dtype: str, attrs: dict,
-             label: str) -> SettingWriter:
-        """Create the setting's arrays, or reopen them to resume; ``pending`` lists units to do."""
+             label: str, *, chunk_rows: int | None = None, owner: str | None = None) -> SettingWriter:
+        """Create the setting's arrays, or reopen them to resume; ``pending`` lists units to do.
+
+        Creation is claimed (pseudo-unit ``create``), so when several writers open a new
+        setting at once exactly one writes its metadata and the others wait for it.
+        """
         row_bytes = int(np.prod(shape[1:])) * np.dtype(dtype).itemsize
-        plan = plan_chunks(shape[0], row_bytes)
-        data_path, done_path = f"{path}/data", f"{path}/done"
-        if data_path in store.root:
-            array = store.root[data_path]
-            if tuple(array.shape) != tuple(shape) or str(array.dtype) != dtype:
-                raise StoreError(
-                    f"{data_path} exists with shape {array.shape} {array.dtype}, expected {shape} {dtype}: "
-                    "the store is inconsistent; run `diffeat verify`"
-                )
-            done = store.root[done_path]
-        else:
-            group = store.root.require_group(path)
-            meta = {**attrs, "status": "in_progress", "created": now(), "created_by": creator(),
-                    "store_format": STORE_FORMAT,
-                    "layout": {"chunk_rows": plan.chunk_rows, "shard_rows": plan.shard_rows,
-                               "unit_rows": plan.unit_rows, "n_units": plan.n_units,
-                               "codecs": "blosc(lz4, 5, bitshuffle) + crc32c"}}
-            # The ledger first: an array without a ledger would look like it has nothing to resume.
-            done = group.create_array("done", shape=(plan.n_units,), dtype="uint8", chunks=(1,), fill_value=0,
-                                      dimension_names=("unit",))
-            chunk = (plan.chunk_rows,) + tuple(shape[1:])
-            shard = (plan.shard_rows,) + tuple(shape[1:]) if plan.shard_rows else None
-            array = group.create_array(
-                "data", shape=shape, dtype=dtype, chunks=chunk, shards=shard, compressors=compressors(),
-                fill_value=float("nan"), dimension_names=DIMENSIONS[: len(shape)], attributes={"diffeat": meta},
+        plan = plan_chunks(shape[0], row_bytes, chunk_rows)
+        data_path = f"{path}/data"
+        claims = Claims(store.objects, attrs.get("settings_hash") or settings_hash(attrs), owner=owner)
+        deadline = time.monotonic() + claims.lease
+        while not _exists(store, data_path):
+            if claims.try_claim([CREATE]):
+                try:
+                    if not _exists(store, data_path):
+                        _create(store, path, shape, dtype, attrs, plan)
+                finally:
+                    claims.release(CREATE)
+                break
+            if time.monotonic() > deadline:
+                raise StoreError(f"{data_path}: another writer has been creating it for {claims.lease:.0f} s")
+            time.sleep(0.2)  # another writer is creating it
+        array = zarr.open_array(store=store.root.store, path=data_path, mode="r+")
+        meta = dict(array.attrs).get("diffeat", {})
+        if tuple(array.shape) != tuple(shape) or str(array.dtype) != dtype:
+            raise StoreError(
+                f"{data_path} exists with shape {array.shape} {array.dtype}, expected {shape} {dtype}: "
+                "the store is inconsistent; run `diffeat verify`"
             )
-        flags = np.asarray(done[:])
-        writer = cls(array, done, plan, data_path, label)
-        writer.pending = {u for u in range(plan.n_units) if not flags[u]}
+        layout = meta.get("layout", {})
+        plan = ChunkPlan(shape[0], int(layout.get("chunk_rows", plan.chunk_rows)), layout.get("shard_rows"))
+        done = zarr.open_array(store=store.root.store, path=f"{path}/done", mode="r+")
+        writer = cls(array, done, plan, data_path, label, store, claims)
+        writer.refresh()
         return writer
 
     @property
@@ -134,17 +147,46 @@ class SettingWriter:
         """The status recorded in the array's attributes."""
         return dict(self.array.attrs)["diffeat"].get("status", "in_progress")
 
+    def refresh(self) -> None:
+        """Re-read the ledger: units written by anyone since are no longer pending."""
+        flags = np.asarray(self.done[:])
+        self.pending = {u for u in range(self.plan.n_units) if not flags[u]}
+        self.claimed &= self.pending
+
+    def units_in(self, lo: int, hi: int) -> list[int]:
+        """Pending units whose rows lie in [lo, hi)."""
+        first, last = lo // self.plan.unit_rows, -(-hi // self.plan.unit_rows)
+        return [u for u in range(first, min(last, self.plan.n_units)) if u in self.pending]
+
+    def claim(self, units: list[int], current=None) -> list[int]:
+        """Claim pending ``units``; return those this writer now holds (and should compute)."""
+        won = [int(u) for u in self.claims.try_claim([str(u) for u in units], current)]
+        self.claimed.update(won)
+        return won
+
+    def claim_all(self) -> None:
+        """Claim every pending unit that is free (a writer that owns the whole setting)."""
+        self.claim(sorted(self.pending))
+
+    def abandon(self) -> None:
+        """Give back the claims of units this writer will not write (after an error)."""
+        for u in sorted(self.claimed):
+            self.claims.release(str(u))
+            self._buffers.pop(u, None)
+            self._filled.pop(u, None)
+        self.claimed.clear()
+
     def rows_needed(self) -> np.ndarray:
-        """Row indices of every pending unit, ascending."""
-        parts = [np.arange(*self.plan.unit_range(u)) for u in sorted(self.pending)]
+        """Row indices of every claimed unit, ascending."""
+        parts = [np.arange(*self.plan.unit_range(u)) for u in sorted(self.claimed)]
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
     def add(self, rows: np.ndarray, values: np.ndarray) -> None:
-        """Buffer feature rows; every unit that becomes full is written and flagged."""
+        """Buffer feature rows; every claimed unit that becomes full is written and flagged."""
         units = rows // self.plan.unit_rows
         for u in np.unique(units):
             u = int(u)
-            if u not in self.pending:
+            if u not in self.claimed:
                 continue
             lo, hi = self.plan.unit_range(u)
             sel = units == u
@@ -162,17 +204,52 @@ class SettingWriter:
         self._filled.pop(u)
         self.done[u] = 1  # only after the data object is in place
         self.pending.discard(u)
+        self.claimed.discard(u)
+        self.claims.release(str(u))
+        self.written += 1
 
     def publish(self) -> bool:
-        """Mark the setting complete if every unit is flagged; return whether it is."""
-        flags = np.asarray(self.done[:])
-        if not flags.all():
+        """Mark the setting complete if every unit is flagged; return whether it is.
+
+        Attributes first, then the catalog entry: a catalog saying ``complete`` implies
+        the array says so too.
+        """
+        self.refresh()
+        if self.pending:
             return False
         meta = dict(self.array.attrs)["diffeat"]
         if meta.get("status") != "complete":
             meta.update(status="complete", completed=now())
             self.array.attrs["diffeat"] = meta
+        entry = catalog.make_entry(self.path, meta, tuple(self.array.shape), str(self.array.dtype),
+                                   stored_bytes=catalog.stored_bytes(self.store.objects, self.path))
+        catalog.put_entry(self.store.objects, entry)
         return True
+
+
+def _exists(store: FeatureStore, data_path: str) -> bool:
+    # Through the object layer, not zarr's node cache: another process may just have created it.
+    return store.objects.get(f"{data_path}/zarr.json") is not None
+
+
+def _create(store: FeatureStore, path: str, shape: tuple[int, ...], dtype: str, attrs: dict, plan: ChunkPlan) -> None:
+    group = store.root.require_group(path)
+    meta = {**attrs, "status": "in_progress", "created": now(), "created_by": creator(),
+            "store_format": STORE_FORMAT,
+            "layout": {"chunk_rows": plan.chunk_rows, "shard_rows": plan.shard_rows,
+                       "unit_rows": plan.unit_rows, "n_units": plan.n_units,
+                       "codecs": "blosc(lz4, 5, bitshuffle) + crc32c"}}
+    # The ledger first: an array without a ledger would look like it has nothing to resume.
+    group.create_array("done", shape=(plan.n_units,), dtype="uint8", chunks=(1,), fill_value=0,
+                       dimension_names=("unit",), overwrite=True)
+    chunk = (plan.chunk_rows,) + tuple(shape[1:])
+    shard = (plan.shard_rows,) + tuple(shape[1:]) if plan.shard_rows else None
+    group.create_array(
+        "data", shape=shape, dtype=dtype, chunks=chunk, shards=shard, compressors=compressors(),
+        fill_value=float("nan"), dimension_names=DIMENSIONS[: len(shape)], attributes={"diffeat": meta},
+        overwrite=True,
+    )
+    catalog.create_entry(store.objects, catalog.make_entry(f"{path}/data", meta, shape, dtype))
 
 
 def _cast(values: np.ndarray, dtype: np.dtype, label: str, rows: np.ndarray) -> np.ndarray:

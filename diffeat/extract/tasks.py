@@ -1,0 +1,129 @@
+"""Extraction as tasks over row ranges, claimed unit by unit: one loop for one process,
+many processes on one store, and dask workers.
+
+A *task* is a range of rows aligned to the largest unit among the settings being
+written; every setting's unit size is a power of two, so each task holds whole units of
+every setting, and one forward over its rows serves all of them. Before computing a
+task a writer claims the task's pending units (``diffeat.store.claims``) and computes
+only the rows of the units it won; units another live writer holds are left to it and
+waited for at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from diffeat.extract.forward import run_forward
+from diffeat.store.claims import Renewer
+from diffeat.store.writer import SettingWriter
+
+logger = logging.getLogger(__name__)
+
+POLL_SECONDS = 1.0  # how often to look again at units other writers hold
+
+
+@dataclass
+class SplitWork:
+    """Everything needed to compute the features of one dataset split."""
+
+    unet: object
+    tab: object  # SampleTable
+    writers: dict[tuple[int, int, int], SettingWriter]  # (block, t, pool) -> writer
+    blocks: list[int]
+    ts: list[int]
+    pools: list[int]
+    res: int
+    dev: object  # torch.device
+    dtype: str
+    batch_size: int | str
+    num_workers: int | None
+    seed: int
+    draws: int
+    progress: bool | None = None
+
+    def pending(self) -> dict[tuple[int, int, int], SettingWriter]:
+        """Writers with units still to write."""
+        return {k: w for k, w in self.writers.items() if w.pending}
+
+
+def plan_tasks(writers: dict[tuple[int, int, int], SettingWriter], n: int) -> list[tuple[int, int]]:
+    """Row ranges [lo, hi) holding whole units of every writer, for the ranges with pending units."""
+    if not writers:
+        return []
+    step = max(w.plan.unit_rows for w in writers.values())
+    ranges = [(lo, min(n, lo + step)) for lo in range(0, n, step)]
+    return [(lo, hi) for lo, hi in ranges if any(w.units_in(lo, hi) for w in writers.values())]
+
+
+def run_task(work: SplitWork, lo: int, hi: int, report, currents: dict | None = None) -> int:
+    """Claim the free units of rows [lo, hi) in every setting, compute and write them.
+
+    Returns the number of units this call wrote. ``currents``: claim listings per
+    writer key, taken once per round to save requests (a stale listing is safe: the
+    exclusive create decides).
+    """
+    won: dict[tuple[int, int, int], SettingWriter] = {}
+    parts = []
+    for key, w in work.writers.items():
+        units = w.units_in(lo, hi)
+        got = w.claim(units, (currents or {}).get(key)) if units else []
+        if got:
+            won[key] = w
+            parts += [np.arange(*w.plan.unit_range(u)) for u in got]
+    if not won:
+        return 0
+    rows = np.unique(np.concatenate(parts))
+    before = sum(w.written for w in won.values())
+    try:
+        run_forward(work.unet, work.tab, rows, won, work.blocks, work.ts, work.pools, work.res, work.dev,
+                    work.dtype, work.batch_size, work.num_workers, work.seed, work.draws, work.progress, report)
+    finally:
+        for w in won.values():
+            w.abandon()  # after an error, others (or a rerun) may take these units at once
+    return sum(w.written for w in won.values()) - before
+
+
+def run_all(work: SplitWork, report, *, wait: bool = True) -> int:
+    """Compute every pending unit this writer can claim; with ``wait``, also wait for (or take
+    over, once expired) the units other writers hold, until every unit is written.
+
+    Returns the number of units this process wrote.
+    """
+    n = len(work.tab)
+    written = 0
+    last_log = 0.0
+    pending = work.pending()
+    with Renewer([w.claims for w in pending.values()]):
+        while pending:
+            currents = {k: w.claims.current() for k, w in pending.items()}
+            done_now = 0
+            for lo, hi in plan_tasks(pending, n):
+                done_now += run_task(work, lo, hi, report, currents)
+            written += done_now
+            for w in pending.values():
+                w.refresh()
+            pending = work.pending()
+            if not pending or not wait:
+                break
+            if done_now == 0:
+                if time.monotonic() - last_log > 30:
+                    _log_waiting(pending)
+                    last_log = time.monotonic()
+                time.sleep(POLL_SECONDS)
+    return written
+
+
+def _log_waiting(pending: dict[tuple[int, int, int], SettingWriter]) -> None:
+    holders: dict[str, int] = {}
+    for w in pending.values():
+        current = w.claims.current()
+        for u in w.pending:
+            c = current.get(str(u))
+            who = c.describe() if c is not None and c.owner else "nobody (about to be claimed)"
+            holders[who] = holders.get(who, 0) + 1
+    logger.info("waiting for units other writers hold: %s",
+                ", ".join(f"{n} by {who}" for who, n in sorted(holders.items())))
