@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "probe": "diffeat.cli.probe:probe",
     "cka": "diffeat.cli.cka:cka",
     "import": "diffeat.cli.import_features:import_features",
+    "verify": "diffeat.cli.verify:verify",
     "env": "diffeat.cli.env:env",
 }
 
@@ -37,6 +38,7 @@ SUMMARIES: dict[str, str] = {
     "probe": "Train heads (linear, MLP, CNN, attention, kNN) on cached features.",
     "cka": "CKA between cached feature sets (a pair, or an all-pairs matrix).",
     "import": "Put externally computed features into a store, for CKA and probes.",
+    "verify": "Read every chunk of a store; check checksums, completeness and provenance.",
     "convert-adm": "Convert a guided-diffusion (ADM) checkpoint to a diffusers folder.",
     "env": "Print versions and devices (for bug reports).",
 }

@@ -33,9 +33,17 @@ from diffeat.cli.options import echo_json, parse_int_list, storage_options
               "noise draws.")
 @click.option("--limit", type=int, help="Only the first N samples of each split (a dry run).")
 @click.option("--resolution", type=int, help="Input resolution (default: the model's sample size).")
+@click.option("--scheduler", help="Run on this dask.distributed scheduler (tcp://host:8786): whole units of every "
+              "setting are spread over its workers.")
+@click.option("--workers", type=int, help="Run on a local dask cluster of this many worker processes.")
+@click.option("--chunk-rows", type=int, help="Rows per stored chunk (a power of two; default: ~2 MiB chunks, "
+              "64 MiB shards). Smaller chunks mean smaller units of work for many writers.")
+@click.option("--wait/--no-wait", default=True, show_default=True, help="When other writers hold units of these "
+              "settings, wait for them (taking over any whose claim expires) before returning.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def extract(dataset, root, model, blocks, ts, pools, store, storage_opts, splits, classes, batch_size, device, dtype,
-            store_dtype, num_workers, seed, noise_draws, limit, resolution, as_json):
+            store_dtype, num_workers, seed, noise_draws, limit, resolution, scheduler,
+            workers, chunk_rows, wait, as_json):
     """Extract pooled block features of a dataset into a feature store.
 
     One forward pass per batch and t captures every --block and stops after the
@@ -56,10 +64,11 @@ def extract(dataset, root, model, blocks, ts, pools, store, storage_opts, splits
         ts=parse_int_list(ts, "--t"), pools=parse_int_list(pools, "--pool"), store=fs, splits=list(splits) or None,
         classes=classes, batch_size=batch_size, device=device, dtype=dtype, store_dtype=store_dtype,
         num_workers=num_workers, seed=seed, noise_draws=noise_draws, limit=limit, resolution=resolution,
+        scheduler=scheduler, workers=workers, chunk_rows=chunk_rows, wait=wait,
     )
     if as_json:
         echo_json({"model": report.model, "dataset": report.dataset, "store": report.store,
-                   "images": report.images, "seconds": round(report.seconds, 3),
+                   "images": report.images, "seconds": round(report.seconds, 3), "workers": report.workers,
                    "settings": [s.as_dict() for s in report.settings]})
         return
     for s in report.settings:

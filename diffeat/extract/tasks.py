@@ -11,11 +11,13 @@ waited for at the end.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from diffeat.extract.forward import run_forward
 from diffeat.store.claims import Renewer
@@ -59,6 +61,27 @@ def plan_tasks(writers: dict[tuple[int, int, int], SettingWriter], n: int) -> li
     return [(lo, hi) for lo, hi in ranges if any(w.units_in(lo, hi) for w in writers.values())]
 
 
+@contextlib.contextmanager
+def one_cpu_thread(dev):
+    """On a CPU, run the forward with one intra-op thread.
+
+    CPU kernels sum in an order that depends on the thread count (measured: 2 threads vs
+    1 differ by 5e-4 at block 7 of the tiny model in float16), so features would depend
+    on the machine and on how many processes share it. One thread per forward makes a
+    store bitwise the same however it was computed: one process, several, or a dask
+    cluster. Parallelism on a CPU comes from loader and dask worker processes instead.
+    """
+    if getattr(dev, "type", "cpu") != "cpu":
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def run_task(work: SplitWork, lo: int, hi: int, report, currents: dict | None = None) -> int:
     """Claim the free units of rows [lo, hi) in every setting, compute and write them.
 
@@ -79,8 +102,9 @@ def run_task(work: SplitWork, lo: int, hi: int, report, currents: dict | None = 
     rows = np.unique(np.concatenate(parts))
     before = sum(w.written for w in won.values())
     try:
-        run_forward(work.unet, work.tab, rows, won, work.blocks, work.ts, work.pools, work.res, work.dev,
-                    work.dtype, work.batch_size, work.num_workers, work.seed, work.draws, work.progress, report)
+        with one_cpu_thread(work.dev):
+            run_forward(work.unet, work.tab, rows, won, work.blocks, work.ts, work.pools, work.res, work.dev,
+                        work.dtype, work.batch_size, work.num_workers, work.seed, work.draws, work.progress, report)
     finally:
         for w in won.values():
             w.abandon()  # after an error, others (or a rerun) may take these units at once

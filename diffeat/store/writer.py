@@ -161,6 +161,15 @@ class SettingWriter:
     def claim(self, units: list[int], current=None) -> list[int]:
         """Claim pending ``units``; return those this writer now holds (and should compute)."""
         won = [int(u) for u in self.claims.try_claim([str(u) for u in units], current)]
+        if won:
+            # Claim, then check: a unit another writer finished (and released) since this
+            # writer last read the ledger looks unclaimed, but its flag is set.
+            lo, hi = min(won), max(won) + 1
+            flags = np.asarray(self.done[lo:hi])
+            for u in [u for u in won if flags[u - lo]]:
+                self.claims.release(str(u))
+                self.pending.discard(u)
+            won = [u for u in won if not flags[u - lo]]
         self.claimed.update(won)
         return won
 
