@@ -6,7 +6,18 @@ import click
 
 from diffeat.cli.options import echo_json, storage_options
 
-JSON_FIELDS = ("model", "dataset", "split", "block", "t", "pool", "shape", "dtype", "status", "path")
+JSON_FIELDS = ("model", "dataset", "split", "block", "t", "pool", "name", "shape", "dtype", "status", "path",
+               "created", "created_by", "completed", "stored_bytes", "settings_hash")
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
 
 
 @click.command()
@@ -14,18 +25,24 @@ JSON_FIELDS = ("model", "dataset", "split", "block", "t", "pool", "shape", "dtyp
 @click.option("--storage-options", "storage_opts", help="JSON of fsspec options for a remote store.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
 def ls(store, storage_opts, as_json):
-    """List the feature settings in a store (read-only)."""
+    """List the feature settings in a store (read-only).
+
+    Reads the store's catalog (one listing of `_catalog/`), so it is fast on remote
+    stores; shows who created each setting, when and where, its size and status.
+    """
     from diffeat.store import open_store
 
     settings = open_store(store, mode="r", storage_options=storage_options(storage_opts)).list_settings()
     if as_json:
-        echo_json([{k: v for k, v in s.as_dict().items() if k in JSON_FIELDS + ("name", "created", "created_by")}
-                   for s in settings])
+        echo_json([{k: v for k, v in s.as_dict().items() if k in JSON_FIELDS} for s in settings])
         return
     if not settings:
         click.echo(f"{store}: no feature settings")
         return
-    click.echo(f"{'model':16s} {'dataset':10s} {'split':8s} {'setting':14s} {'shape':>20s} {'dtype':8s} status")
+    click.echo(f"{'model':16s} {'dataset':10s} {'split':8s} {'setting':14s} {'shape':>20s} {'dtype':8s} "
+               f"{'status':11s} {'size':>10s}  created")
     for s in settings:
         shape = "x".join(map(str, s.shape))
-        click.echo(f"{s.model:16s} {s.dataset:10s} {s.split:8s} {s.label():14s} {shape:>20s} {s.dtype:8s} {s.status}")
+        who = s.created_by.get("user", "?") + "@" + s.created_by.get("host", "?") if s.created_by else "-"
+        click.echo(f"{s.model:16s} {s.dataset:10s} {s.split:8s} {s.label():14s} {shape:>20s} {s.dtype:8s} "
+                   f"{s.status:11s} {_size(s.stored_bytes):>10s}  {s.created or '-'} {who}")

@@ -164,9 +164,7 @@ class FeatureStore:
             if read_only:
                 self.root = zarr.open_group(store=store, mode="r")
             else:
-                self.root = zarr.open_group(store=store, mode="a")
-                if "diffeat" not in self.root.attrs:
-                    self.root.attrs["diffeat"] = {"store_format": STORE_FORMAT}
+                self.root = _open_or_create_root(store)
         except FileNotFoundError as e:
             why = self.objects.missing_reason() if is_url(self.location) else None
             if why is None:
@@ -294,6 +292,20 @@ class FeatureStore:
         from diffeat.store.imports import import_features
 
         return import_features(self, dataset, split, name, array, **options)
+
+
+def _open_or_create_root(store) -> zarr.Group:
+    """Open the root group for writing, creating it if needed; safe when writers race to create it."""
+    from zarr.errors import ContainsGroupError
+
+    try:
+        root = zarr.open_group(store=store, mode="a")
+    except ContainsGroupError:  # another writer created it between our check and our create
+        root = zarr.open_group(store=store, mode="r+")
+    if "diffeat" not in root.attrs:
+        # Identical bytes from every writer that gets here, so a race only writes the same thing twice.
+        root.attrs["diffeat"] = {"store_format": STORE_FORMAT}
+    return root
 
 
 def _check_local_writable(location: str) -> None:

@@ -225,8 +225,10 @@ def _repair(store: FeatureStore, check: SettingCheck) -> None:
     done = zarr.open_array(store=store.root.store, path=f"{check.path.rsplit('/', 1)[0]}/done", mode="r+")
     meta = dict(array.attrs)["diffeat"]
     if check.damaged:
+        group = check.path.rsplit("/", 1)[0]
         for d in check.damaged:
-            done[d.unit] = 0
+            # A flag is its own object (chunks of one); an absent object reads as 0, the fill value.
+            store.objects.delete(f"{group}/done/c/{d.unit}")
         meta["status"] = "in_progress"
         meta.pop("completed", None)
         array.attrs["diffeat"] = meta

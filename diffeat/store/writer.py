@@ -62,9 +62,29 @@ def write_sample_table(store: FeatureStore, table) -> str:
     """Store a dataset split's sample table once (keyed by its manifest hash); return its path."""
     digest = table.manifest_sha256()
     path = table_path(table.dataset, table.split, digest)
-    if path in store.root and dict(store.root[path].attrs).get("diffeat", {}).get("complete"):
-        return path
-    group = store.root.require_group(path)
+    claims = Claims(store.objects, f"table-{digest}")
+    deadline = time.monotonic() + claims.lease
+    while not _table_complete(store, path):
+        if claims.try_claim([CREATE]):  # one writer writes it; others wait for it
+            try:
+                if not _table_complete(store, path):
+                    _write_table(store, table, path, digest)
+            finally:
+                claims.release(CREATE)
+            break
+        if time.monotonic() > deadline:
+            raise StoreError(f"{path}: another writer has been writing this sample table for {claims.lease:.0f} s")
+        time.sleep(0.2)
+    return path
+
+
+def _table_complete(store: FeatureStore, path: str) -> bool:
+    meta = store.objects.get_json(f"{path}/zarr.json")
+    return bool(meta and meta.get("attributes", {}).get("diffeat", {}).get("complete"))
+
+
+def _write_table(store: FeatureStore, table, path: str, digest: str) -> None:
+    group = _require_group(store.root, path)
     n, k = len(table), len(table.class_names)
     for name, values, dims in (
         ("id", np.array(table.ids, dtype=str), ("sample",)),
@@ -80,7 +100,18 @@ def write_sample_table(store: FeatureStore, table) -> str:
         "dataset": table.dataset, "split": table.split, "manifest_sha256": digest, "n": n, "n_classes": k,
         "root": str(table.root) if table.root is not None else None, "complete": True, "created": now(),
     }
-    return path
+
+
+def _require_group(root: zarr.Group, path: str) -> zarr.Group:
+    """``require_group`` that tolerates another writer creating the same (identical) groups at once."""
+    from zarr.errors import ContainsGroupError
+
+    for _ in range(5):
+        try:
+            return root.require_group(path)
+        except ContainsGroupError:
+            time.sleep(0.05)
+    return root.require_group(path)
 
 
 @dataclass
@@ -242,7 +273,7 @@ def _exists(store: FeatureStore, data_path: str) -> bool:
 
 
 def _create(store: FeatureStore, path: str, shape: tuple[int, ...], dtype: str, attrs: dict, plan: ChunkPlan) -> None:
-    group = store.root.require_group(path)
+    group = _require_group(store.root, path)
     meta = {**attrs, "status": "in_progress", "created": now(), "created_by": creator(),
             "store_format": STORE_FORMAT,
             "layout": {"chunk_rows": plan.chunk_rows, "shard_rows": plan.shard_rows,
