@@ -26,6 +26,7 @@ COMMANDS: dict[str, str] = {
     "import": "diffeat.cli.import_features:import_features",
     "verify": "diffeat.cli.verify:verify",
     "env": "diffeat.cli.env:env",
+    "bench": "diffeat.cli.bench:bench",
 }
 
 #: one-line help shown by ``diffeat --help`` without importing the command.
@@ -41,6 +42,7 @@ SUMMARIES: dict[str, str] = {
     "verify": "Read every chunk of a store; check checksums, completeness and provenance.",
     "convert-adm": "Convert a guided-diffusion (ADM) checkpoint to a diffusers folder.",
     "env": "Print versions and devices (for bug reports).",
+    "bench": "Measure extraction throughput: forward alone, the whole loop, the naive baseline.",
 }
 
 
@@ -86,3 +88,6 @@ def main(verbose: int, quiet: bool) -> None:
     if level > logging.DEBUG:
         # Third-party chatter (diffusers' deprecation notes) is noise for users.
         logging.getLogger("diffusers").setLevel(logging.ERROR)
+        # botocore announces where it found credentials on every S3 run.
+        for name in ("botocore", "aiobotocore", "s3fs", "fsspec"):
+            logging.getLogger(name).setLevel(logging.WARNING)

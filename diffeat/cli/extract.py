@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import click
 
+from diffeat.cli.bench import BATCH_SIZE
 from diffeat.cli.options import echo_json, parse_int_list, storage_options
 
 
@@ -22,7 +23,8 @@ from diffeat.cli.options import echo_json, parse_int_list, storage_options
 @click.option("--split", "splits", multiple=True, help="Split(s) to extract (default: the dataset's standard "
               "train and test splits; 'all' for every split).")
 @click.option("--classes", type=click.Path(dir_okay=False, exists=True), help="imagenet only: file of wnids to keep.")
-@click.option("--batch-size", default=32, show_default=True, type=int)
+@click.option("--batch-size", default="auto", show_default=True, type=BATCH_SIZE,
+              help="Images per batch, or auto: the largest power of two that fits GPU memory (32 on CPU).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
 @click.option("--dtype", default="float32", show_default=True,
               type=click.Choice(["float32", "bfloat16", "float16"]), help="Compute precision of the U-Net.")

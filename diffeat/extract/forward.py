@@ -2,88 +2,361 @@
 
 ``run_forward`` is what one process (or one dask worker) runs over the rows it
 is responsible for; ``diffeat.extract.run`` decides which rows and settings those are.
+
+What keeps the loop fast (docs/performance.md has the measurements):
+
+* the forward is ``TruncatedUNet`` (``diffeat.models.truncated``): built once per
+  (model, blocks, device, dtype), it stops after the deepest block and never keeps
+  a skip activation no executed layer uses; on CUDA it is ``torch.compile``-d;
+* bf16/fp16 autocast when asked, channels_last on CUDA;
+* decoding, preprocessing and noising in DataLoader workers, pinned host memory,
+  non-blocking host-to-device copies;
+* device-to-host copies of the pooled features are non-blocking into pinned
+  memory and collected one batch later, so the CPU queues batch i+1 while the GPU
+  still works on batch i; a background thread writes to zarr;
+* ``batch_size="auto"``: the largest power of two whose measured peak memory
+  fits the free GPU memory with headroom (a fixed size on CPU).
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
+import time
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from diffeat.errors import DiffeatError
 from diffeat.extract.loader import NoisedImages, make_loader
-from diffeat.models.blocks import capture_blocks
+from diffeat.models.truncated import TruncatedUNet, feature_forward
 from diffeat.progress import Progress
 from diffeat.store.writer import BackgroundWriter
 
+logger = logging.getLogger(__name__)
+
 COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 CPU_MICRO_BATCH = 8
+#: ``batch_size="auto"`` on a CPU: a few micro-batches per loader batch (memory is not the limit there).
+CPU_AUTO_BATCH = 32
+#: ``batch_size="auto"`` on CUDA: at most this many images (throughput saturates well before).
+AUTO_MAX_BATCH = 256
+#: ``batch_size="auto"`` on CUDA: use at most this share of the memory free after loading the model.
+AUTO_MEMORY_SHARE = 0.8
+
+
+@dataclass
+class LoopStats:
+    """Timing of one ``run_forward`` call, collected inside ``observe_loop``."""
+
+    batch_size: int = 0
+    micro_batch: int = 0
+    num_workers: int = 0
+    threads: int = 0  # intra-op CPU threads the forward ran with
+    compiled: bool = False
+    truncated: bool = True  # False when the U-Net needed the hook-based fallback
+    started: float = 0.0
+    finished: float = 0.0
+    #: (images written so far, time.perf_counter()) after each batch was handed to the writer
+    marks: list[tuple[int, float]] = field(default_factory=list)
+
+    @property
+    def images(self) -> int:
+        """Images through the loop."""
+        return self.marks[-1][0] if self.marks else 0
+
+    def steady_rate(self, skip: int = 1) -> float:
+        """Images/s after the first ``skip`` batches (worker start-up, compilation), up to the last write."""
+        if len(self.marks) <= skip:
+            skip = 0
+        n0, t0 = self.marks[skip - 1] if skip else (0, self.started)
+        return (self.images - n0) / max(self.finished - t0, 1e-9)
+
+
+@dataclass
+class _Observer:
+    compile: bool | None
+    runs: list[LoopStats]
+
+
+_OBSERVER: ContextVar[_Observer | None] = ContextVar("diffeat_forward_observer", default=None)
+
+
+@contextmanager
+def observe_loop(*, compile: bool | None = None) -> Iterator[list[LoopStats]]:
+    """Collect a ``LoopStats`` for every ``run_forward`` call made inside (``diffeat bench`` uses it).
+
+    ``compile`` overrides the default of calls that do not set it (``extract()``
+    has no such option): True/False forces ``torch.compile`` on/off.
+    """
+    token = _OBSERVER.set(_Observer(compile, []))
+    try:
+        yield _OBSERVER.get().runs  # type: ignore[union-attr]
+    finally:
+        _OBSERVER.reset(token)
+
+
+def default_workers(dev: torch.device) -> int:
+    """Loader processes: on a GPU, enough to decode JPEGs as fast as the forward; on a CPU they share cores.
+
+    One worker decodes, preprocesses and noises an ImageNet-sized JPEG (500x375) in
+    about 4.5 ms (measured, docs/performance.md): 8 workers feed ~1,700 images/s,
+    well above what one H100 computes for ADM-256 block 24 (~600/s at 40% of peak),
+    while each worker's prefetched batches cost shared memory.
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 2
+    return max(1, min(8, cpus - 1)) if dev.type == "cuda" else 1
+
+
+@dataclass
+class _Prepared:
+    fwd: torch.nn.Module  # TruncatedUNet, or the hook fallback
+    call: object  # fwd, or torch.compile(fwd)
+    compiled: bool
+    auto_batch: dict[tuple, int] = field(default_factory=dict)
+
+
+# One prepared forward, reused while the same model is used: run_forward is called once per
+# task (a range of rows) and compiling or probing memory again for each would cost minutes.
+_PREPARED: tuple[tuple, _Prepared] | None = None
+
+
+def prepare_forward(unet: torch.nn.Module, blocks, dev: torch.device, dtype: str,
+                    compile: bool | None = None) -> _Prepared:
+    """The (possibly compiled) truncated forward of ``unet`` for ``blocks`` on ``dev``: built once, reused."""
+    global _PREPARED
+    if compile is None:
+        observer = _OBSERVER.get()
+        compile = observer.compile if observer is not None and observer.compile is not None else dev.type == "cuda"
+    key = (id(unet), tuple(sorted(set(blocks))), str(dev), dtype, bool(compile))
+    if _PREPARED is not None and _PREPARED[0] == key and _PREPARED[1].fwd.unet is unet:
+        return _PREPARED[1]
+    unet.to(dev)
+    if dev.type == "cuda":
+        unet.to(memory_format=torch.channels_last)
+    fwd = feature_forward(unet, blocks)
+    call, compiled = fwd, False
+    if compile and isinstance(fwd, TruncatedUNet):
+        # Fixed shapes (batches are padded): one graph, no recompilation per batch size.
+        call, compiled = torch.compile(fwd, dynamic=False), True
+        # diffusers' Upsample2D asks an lru_cache'd version check, which dynamo traces through
+        # (correctly: the answer is a constant) with a warning per process; it is noise here.
+        warnings.filterwarnings("ignore", message=r"Dynamo detected a call to a `functools\.lru_cache`-wrapped "
+                                r"function at 'upsampling\.py", category=UserWarning)
+    elif compile:
+        logger.warning("not compiling: this U-Net runs through the hook-based fallback")
+    prepared = _Prepared(fwd, call, compiled)
+    _PREPARED = (key, prepared)
+    return prepared
+
+
+def release_prepared() -> None:
+    """Forget the prepared forward (and with it the last model it holds)."""
+    global _PREPARED
+    _PREPARED = None
+
+
+def auto_batch_size(prepared: _Prepared, unet: torch.nn.Module, dev: torch.device, res: int, dtype: str,
+                    inputs_per_image: int = 1) -> int:
+    """The batch size ``"auto"`` means: fixed on CPU; on CUDA the largest power of two that fits.
+
+    On CUDA the peak memory of the (eager) truncated forward is measured at two
+    batch sizes, a line through them predicts the largest batch that fits in
+    ``AUTO_MEMORY_SHARE`` of the memory free after loading the model (the loader's
+    input batch of ``inputs_per_image`` noised images per row counted too), and the
+    pick is verified by running it, halving on out-of-memory.
+    """
+    if dev.type != "cuda":
+        return CPU_AUTO_BATCH
+    key = (res, dtype, inputs_per_image)
+    if key in prepared.auto_batch:
+        return prepared.auto_batch[key]
+    in_ch = unet.config.in_channels
+    autocast = torch.autocast("cuda", dtype=COMPUTE_DTYPES[dtype], enabled=dtype != "float32")
+    input_bytes = inputs_per_image * in_ch * res * res * 4
+
+    def peak(b: int) -> int:
+        torch.cuda.synchronize(dev)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+        x = torch.zeros(b, in_ch, res, res, device=dev).contiguous(memory_format=torch.channels_last)
+        t = torch.full((b,), 500, device=dev, dtype=torch.long)
+        with torch.inference_mode(), autocast:
+            out = prepared.fwd(x, t)
+        del out, x
+        torch.cuda.synchronize(dev)
+        return torch.cuda.max_memory_allocated(dev) - base + b * input_bytes
+
+    torch.cuda.empty_cache()
+    free, _total = torch.cuda.mem_get_info(dev)
+    budget = free * AUTO_MEMORY_SHARE
+    p2, p4 = peak(2), peak(4)
+    per_image = max((p4 - p2) / 2, 1.0)
+    fixed = max(p2 - 2 * per_image, 0.0)
+    fit = int((budget - fixed) // per_image)
+    if fit < 1:
+        raise DiffeatError(f"--batch-size auto: not even one image fits in the {free / 2**30:.1f} GiB free on "
+                           f"{dev}; free GPU memory or use a smaller --resolution")
+    batch = 1 << (min(fit, AUTO_MAX_BATCH).bit_length() - 1)  # powers of two divide the store's units
+    while batch > 1:
+        try:
+            if peak(batch) <= budget:
+                break
+        except torch.OutOfMemoryError:
+            pass
+        batch //= 2
+    torch.cuda.empty_cache()
+    logger.info("--batch-size auto: %d on %s (%.0f MiB per image, %.1f GiB free, %.0f%% used at most)",
+                batch, dev, per_image / 2**20, free / 2**30, AUTO_MEMORY_SHARE * 100)
+    prepared.auto_batch[key] = batch
+    return batch
 
 
 def run_forward(unet, tab, rows, writers, blocks, ts, pools, res, dev, dtype, batch_size, num_workers, seed,
-                draws, progress, report) -> None:
+                draws, progress, report, *, compile: bool | None = None) -> None:
     """Compute and write the features of ``rows`` of ``tab`` for every writer in ``writers``.
 
     ``writers`` maps (block, t, pool) to a ``SettingWriter``; rows of units a writer
     does not have pending are computed (they share a batch) but not written.
+    ``batch_size`` is an int or ``"auto"``; ``compile`` (default: on CUDA only)
+    compiles the truncated forward with ``torch.compile``.
     """
     if num_workers is None:
-        # On a GPU, decoding must keep up with the forward; on a CPU they share cores.
-        num_workers = min(8, (os.cpu_count() or 2) - 1) if dev.type == "cuda" else 1
-    unet.to(dev)
-    if dev.type == "cuda":
-        unet.to(memory_format=torch.channels_last)
+        num_workers = default_workers(dev)
+    prepared = prepare_forward(unet, blocks, dev, dtype, compile)
+    if batch_size == "auto":
+        batch_size = auto_batch_size(prepared, unet, dev, res, dtype, len(ts) * draws)
+    cuda = dev.type == "cuda"
     dataset = NoisedImages(tab, rows, res, ts, seed, draws)
-    loader = make_loader(dataset, batch_size, num_workers, pin_memory=dev.type == "cuda")
+    loader = make_loader(dataset, batch_size, num_workers, pin_memory=cuda)
     autocast = torch.autocast(dev.type, dtype=COMPUTE_DTYPES[dtype], enabled=dtype != "float32")
     bar = Progress(len(rows), f"extract {tab.dataset}/{tab.split}", enabled=progress)
     # CPU kernels give results that depend (at 1e-6) on the batch size, but not on a row's
     # position in a batch of fixed size: a fixed, padded micro-batch makes features bitwise
-    # independent of --batch-size. GPUs make no such promise, so they use the batch as is.
-    micro = batch_size if dev.type == "cuda" else CPU_MICRO_BATCH
+    # independent of --batch-size. GPUs make no such promise, so they use the batch as is,
+    # padded only when compiled, to few fixed shapes (a recompilation of a big U-Net costs a
+    # minute; padding the last batch of a call, a fraction of a second): the batch size, or
+    # for a call with fewer rows (a task of small units) the power of two covering them.
+    if cuda:
+        micro, pad = min(batch_size, 1 << max(0, (len(rows) - 1).bit_length())), prepared.compiled
+    else:
+        micro, pad = CPU_MICRO_BATCH, True
+    observer = _OBSERVER.get()
+    stats = LoopStats(batch_size, micro, num_workers, torch.get_num_threads(), prepared.compiled,
+                      isinstance(prepared.fwd, TruncatedUNet), started=time.perf_counter())
+    if observer is not None:
+        observer.runs.append(stats)
     writer = BackgroundWriter()
+    pending: tuple | None = None  # the previous batch, its features still on their way to host memory
+
+    def flush(item: tuple) -> None:
+        batch_rows, host, event = item
+        if event is not None:
+            event.synchronize()
+        for key, values in host.items():
+            writer.put(writers[key], batch_rows, values.numpy())
+        report.images += len(batch_rows)
+        bar.update(len(batch_rows))
+        stats.marks.append((stats.images + len(batch_rows), time.perf_counter()))
+
     try:
         with torch.inference_mode():
             for batch_rows, xs in loader:
                 batch_rows = batch_rows.numpy()
                 xs = xs.to(dev, non_blocking=True)
+                results: dict[tuple[int, int, int], torch.Tensor] = {}
                 for ti, t in enumerate(ts):
                     sums: dict[tuple[int, int], torch.Tensor] = {}
                     for d in range(draws):
-                        pooled = forward_pooled(unet, xs[:, ti * draws + d], t, blocks, pools, micro, autocast)
+                        pooled = forward_pooled(prepared.call, xs[:, ti * draws + d], t, blocks, pools, micro,
+                                                autocast, pad=pad)
                         report.forwards += 1
                         for key, p in pooled.items():
                             sums[key] = p if d == 0 else sums[key] + p
                     for (b, k), v in sums.items():
-                        w = writers.get((b, t, k))
-                        if w is not None:
-                            writer.put(w, batch_rows, (v / draws).cpu().numpy())
-                report.images += len(batch_rows)
-                bar.update(len(batch_rows))
+                        if (b, t, k) in writers:
+                            results[(b, t, k)] = v / draws
+                item = (batch_rows, *_to_host(results, cuda))
+                if pending is not None:
+                    flush(pending)
+                pending = item
+                if not cuda:
+                    flush(pending)
+                    pending = None
+            if pending is not None:
+                flush(pending)
+                pending = None
+    except BaseException:
+        if pending is not None:  # computed before the failure: keep it (its unit may complete)
+            with contextlib.suppress(Exception):
+                flush(pending)
+        raise
     finally:
         try:
             writer.close()
         finally:
+            stats.finished = time.perf_counter()
             bar.close()
 
 
-def forward_pooled(unet, x: torch.Tensor, t: int, blocks, pools, micro: int, autocast
-                    ) -> dict[tuple[int, int], torch.Tensor]:
-    """Pooled features {(block, k): (B, C, k, k) float32} of a batch, in micro-batches of ``micro`` rows."""
+def _to_host(results: dict, cuda: bool) -> tuple[dict, object]:
+    """Start copying ``results`` to host memory; return the host tensors and an event to wait on (CUDA)."""
+    if not cuda:
+        return {k: v.cpu() for k, v in results.items()}, None
+    host = {}
+    for k, v in results.items():
+        host[k] = torch.empty(v.shape, dtype=v.dtype, pin_memory=True)
+        host[k].copy_(v.contiguous(), non_blocking=True)  # pooled maps of a channels_last batch are strided
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
+
+
+def forward_pooled(fwd, x: torch.Tensor, t: int, blocks, pools, micro: int, autocast, *, pad: bool | None = None
+                   ) -> dict[tuple[int, int], torch.Tensor]:
+    """Pooled features {(block, k): (B, C, k, k) float32} of a batch, in micro-batches of ``micro`` rows.
+
+    ``fwd(x, t)`` returns ``{block: activation}`` (``TruncatedUNet``, compiled or not).
+    ``pad`` (default: off CUDA) pads the last micro-batch to ``micro`` rows with zeros.
+    """
+    cuda = x.device.type == "cuda"
+    if pad is None:
+        pad = not cuda
     n = x.shape[0]
     parts: dict[tuple[int, int], list[torch.Tensor]] = {(b, k): [] for b in blocks for k in pools}
     for lo in range(0, n, micro):
         chunk = x[lo:lo + micro]
         real = chunk.shape[0]
-        if real < micro and x.device.type != "cuda":
+        if real < micro and pad:
             chunk = torch.cat([chunk, chunk.new_zeros((micro - real,) + tuple(chunk.shape[1:]))])
-        if x.device.type == "cuda":
+        if cuda:
             chunk = chunk.contiguous(memory_format=torch.channels_last)
         tt = torch.full((chunk.shape[0],), t, device=x.device, dtype=torch.long)
         with autocast:
-            acts = capture_blocks(unet, chunk, tt, blocks)
+            acts = fwd(chunk, tt)
         for b in blocks:
             a = acts[b][:real].float()  # pool in float32 whatever the compute dtype
             for k in pools:
                 parts[(b, k)].append(F.adaptive_avg_pool2d(a, k))
+        del acts
     return {key: torch.cat(v) for key, v in parts.items()}
+
+
+def check_batch_size(batch_size: int | str) -> int | str:
+    """``batch_size`` if it is an int >= 1 or ``"auto"``, else a ``DiffeatError`` naming --batch-size."""
+    if batch_size == "auto":
+        return batch_size
+    if isinstance(batch_size, (int, np.integer)) and not isinstance(batch_size, bool) and batch_size >= 1:
+        return int(batch_size)
+    raise DiffeatError(f"--batch-size {batch_size!r} is invalid: it must be an integer >= 1 or 'auto'")
