@@ -4,31 +4,7 @@ from __future__ import annotations
 
 import click
 
-from diffeat.cli.options import echo_json
-
-
-class BatchSizeType(click.ParamType):
-    """``--batch-size``: an integer >= 1, or ``auto`` (the largest batch that fits GPU memory)."""
-
-    name = "INTEGER|auto"
-
-    def convert(self, value, param, ctx):
-        if isinstance(value, int) and not isinstance(value, bool):
-            number = value
-        elif str(value).strip().lower() == "auto":
-            return "auto"
-        else:
-            try:
-                number = int(str(value).strip())
-            except ValueError:
-                self.fail(f"{value!r} is not an integer >= 1 or 'auto'", param, ctx)
-        if number < 1:
-            self.fail(f"{number} is invalid: it must be an integer >= 1 or 'auto'", param, ctx)
-        return number
-
-
-#: Shared by every command with a --batch-size that accepts "auto".
-BATCH_SIZE = BatchSizeType()
+from diffeat.cli.options import BATCH_SIZE, echo_json
 
 
 def _size(value: str | None) -> tuple[int, int] | None:

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import click
 
-from diffeat.cli.bench import BATCH_SIZE
-from diffeat.cli.options import echo_json, parse_int_list, storage_options
+from diffeat.cli.options import BATCH_SIZE, echo_json, parse_int_list, storage_options
 
 
 @click.command()
@@ -42,10 +41,12 @@ from diffeat.cli.options import echo_json, parse_int_list, storage_options
               "64 MiB shards). Smaller chunks mean smaller units of work for many writers.")
 @click.option("--wait/--no-wait", default=True, show_default=True, help="When other writers hold units of these "
               "settings, wait for them (taking over any whose claim expires) before returning.")
+@click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the truncated forward "
+              "(default: on CUDA only; compiling takes a minute once per run).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def extract(dataset, root, model, blocks, ts, pools, store, storage_opts, splits, classes, batch_size, device, dtype,
             store_dtype, num_workers, seed, noise_draws, limit, resolution, scheduler,
-            workers, chunk_rows, wait, as_json):
+            workers, chunk_rows, wait, compile_, as_json):
     """Extract pooled block features of a dataset into a feature store.
 
     One forward pass per batch and t captures every --block and stops after the
@@ -66,7 +67,7 @@ def extract(dataset, root, model, blocks, ts, pools, store, storage_opts, splits
         ts=parse_int_list(ts, "--t"), pools=parse_int_list(pools, "--pool"), store=fs, splits=list(splits) or None,
         classes=classes, batch_size=batch_size, device=device, dtype=dtype, store_dtype=store_dtype,
         num_workers=num_workers, seed=seed, noise_draws=noise_draws, limit=limit, resolution=resolution,
-        scheduler=scheduler, workers=workers, chunk_rows=chunk_rows, wait=wait,
+        scheduler=scheduler, workers=workers, chunk_rows=chunk_rows, wait=wait, compile=compile_,
     )
     if as_json:
         echo_json({"model": report.model, "dataset": report.dataset, "store": report.store,

@@ -42,3 +42,27 @@ def storage_options(value: str | None) -> dict | None:
 def echo_json(obj: object) -> None:
     """Print one JSON document on stdout."""
     click.echo(json.dumps(obj, indent=2, default=str))
+
+
+class BatchSizeType(click.ParamType):
+    """``--batch-size``: an integer >= 1, or ``auto`` (the largest batch that fits GPU memory)."""
+
+    name = "INTEGER|auto"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, int) and not isinstance(value, bool):
+            number = value
+        elif str(value).strip().lower() == "auto":
+            return "auto"
+        else:
+            try:
+                number = int(str(value).strip())
+            except ValueError:
+                self.fail(f"{value!r} is not an integer >= 1 or 'auto'", param, ctx)
+        if number < 1:
+            self.fail(f"{number} is invalid: it must be an integer >= 1 or 'auto'", param, ctx)
+        return number
+
+
+#: Shared by every command with a --batch-size that accepts "auto".
+BATCH_SIZE = BatchSizeType()

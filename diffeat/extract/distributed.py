@@ -64,6 +64,7 @@ class SplitJob:
     seed: int
     draws: int
     chunk_rows: int | None
+    compile: bool | None = None
 
     def cache_key(self) -> tuple:
         """What a worker may reuse between tasks of this job."""
@@ -106,7 +107,7 @@ def _work_for(job: SplitJob):
     num_workers = 0 if multiprocessing.current_process().daemon else job.num_workers
     work = SplitWork(loaded.unet, tab, writers, list(job.blocks), list(job.ts), list(job.pools), job.res,
                      resolve_device(job.device), job.dtype, job.batch_size, num_workers, job.seed, job.draws,
-                     progress=False)
+                     progress=False, compile=job.compile)
     _WORKER_CACHE[key] = work
     return work
 

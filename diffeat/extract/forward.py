@@ -224,13 +224,14 @@ def auto_batch_size(prepared: _Prepared, unet: torch.nn.Module, dev: torch.devic
 
 
 def run_forward(unet, tab, rows, writers, blocks, ts, pools, res, dev, dtype, batch_size, num_workers, seed,
-                draws, progress, report, *, compile: bool | None = None) -> None:
+                draws, progress, report, *, compile: bool | None = None, bar: Progress | None = None) -> None:
     """Compute and write the features of ``rows`` of ``tab`` for every writer in ``writers``.
 
     ``writers`` maps (block, t, pool) to a ``SettingWriter``; rows of units a writer
     does not have pending are computed (they share a batch) but not written.
     ``batch_size`` is an int or ``"auto"``; ``compile`` (default: on CUDA only)
-    compiles the truncated forward with ``torch.compile``.
+    compiles the truncated forward with ``torch.compile``. ``bar``: a progress bar
+    shared by several calls (one per task); without it, this call makes its own.
     """
     if num_workers is None:
         num_workers = default_workers(dev)
@@ -241,7 +242,9 @@ def run_forward(unet, tab, rows, writers, blocks, ts, pools, res, dev, dtype, ba
     dataset = NoisedImages(tab, rows, res, ts, seed, draws)
     loader = make_loader(dataset, batch_size, num_workers, pin_memory=cuda)
     autocast = torch.autocast(dev.type, dtype=COMPUTE_DTYPES[dtype], enabled=dtype != "float32")
-    bar = Progress(len(rows), f"extract {tab.dataset}/{tab.split}", enabled=progress)
+    own_bar = bar is None
+    if own_bar:
+        bar = Progress(len(rows), f"extract {tab.dataset}/{tab.split}", enabled=progress)
     # CPU kernels give results that depend (at 1e-6) on the batch size, but not on a row's
     # position in a batch of fixed size: a fixed, padded micro-batch makes features bitwise
     # independent of --batch-size. GPUs make no such promise, so they use the batch as is,
@@ -307,7 +310,8 @@ def run_forward(unet, tab, rows, writers, blocks, ts, pools, res, dev, dtype, ba
             writer.close()
         finally:
             stats.finished = time.perf_counter()
-            bar.close()
+            if own_bar:
+                bar.close()
 
 
 def _to_host(results: dict, cuda: bool) -> tuple[dict, object]:

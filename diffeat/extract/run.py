@@ -134,6 +134,7 @@ def extract(
     scheduler: str | None = None,
     workers: int | None = None,
     wait: bool = True,
+    compile: bool | None = None,
 ) -> ExtractReport:
     """Extract pooled block features of ``model`` on ``dataset`` into ``store``.
 
@@ -146,6 +147,7 @@ def extract(
     is written (by it or by the others). ``scheduler`` (a dask scheduler address) or
     ``workers`` (a local dask cluster of that many processes) spread the units over a
     cluster (``diffeat.extract.distributed``). ``chunk_rows`` forces smaller units.
+    ``compile``: ``torch.compile`` the truncated forward (default: on CUDA only).
     """
     from diffeat.data import open_dataset
     from diffeat.models.loading import load_model
@@ -184,7 +186,7 @@ def extract(
 
     report = ExtractReport(model=loaded.name, dataset=dataset, store=fs.location)
     run = _Run(fs, loaded, table, blocks, ts, pools, res, dev, dtype, store_dtype, batch_size, num_workers, seed,
-               noise_draws, progress, chunk_rows, wait, (model, dataset, root, classes, limit, device))
+               noise_draws, progress, chunk_rows, wait, compile, (model, dataset, root, classes, limit, device))
     start = time.perf_counter()
     with _cluster(scheduler, workers, dev) as client:
         for tab in tables.values():
@@ -214,6 +216,7 @@ class _Run:
     progress: bool | None
     chunk_rows: int | None
     wait: bool
+    compile: bool | None
     source: tuple  # (model, dataset, root, classes, limit, device) as given, for cluster workers
 
 
@@ -270,7 +273,7 @@ def _extract_split(run: _Run, tab, report: ExtractReport, client) -> None:
         if not w.pending:
             logger.info("cached: %s (%s)", w.path, w.label)
     work = SplitWork(loaded.unet, tab, opened, run.blocks, run.ts, run.pools, run.res, run.dev, run.dtype,
-                     run.batch_size, run.num_workers, run.seed, run.draws, run.progress)
+                     run.batch_size, run.num_workers, run.seed, run.draws, run.progress, run.compile)
     by_cluster: dict[str, int] = {}
     if client is not None and work.pending():
         model, dataset, root, classes, limit, device = run.source
@@ -278,8 +281,8 @@ def _extract_split(run: _Run, tab, report: ExtractReport, client) -> None:
                        _absolute(root) if root else None, _absolute(classes) if classes else None, tab.split,
                        limit, tab.manifest_sha256(), tuple(jobs), tuple(run.blocks), tuple(run.ts),
                        tuple(run.pools), run.res, device, run.dtype, run.store_dtype, run.batch_size,
-                       run.num_workers, run.seed, run.draws, run.chunk_rows)
-        by_cluster = run_on_cluster(client, job, plan_tasks(work.pending(), len(tab)), report,
+                       run.num_workers, run.seed, run.draws, run.chunk_rows, run.compile)
+        by_cluster = run_on_cluster(client, job, plan_tasks(work.pending(), len(tab), work.task_rows), report,
                                     gpu=run.dev.type == "cuda", progress=run.progress)
         for w in opened.values():
             w.refresh()

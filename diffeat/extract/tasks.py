@@ -20,6 +20,7 @@ import numpy as np
 import torch
 
 from diffeat.extract.forward import run_forward
+from diffeat.progress import Progress
 from diffeat.store.claims import Renewer
 from diffeat.store.writer import SettingWriter
 
@@ -46,17 +47,30 @@ class SplitWork:
     seed: int
     draws: int
     progress: bool | None = None
+    compile: bool | None = None
+    bar: Progress | None = None  # one bar per split, shared by the tasks
+
+    @property
+    def task_rows(self) -> int:
+        """Rows a task should span at least: each ``run_forward`` call starts its loader again
+        (about 70 ms on a CPU, more with many GPU loader workers), so tasks cover several batches."""
+        return 8 * (self.batch_size if isinstance(self.batch_size, int) else 512)
 
     def pending(self) -> dict[tuple[int, int, int], SettingWriter]:
         """Writers with units still to write."""
         return {k: w for k, w in self.writers.items() if w.pending}
 
 
-def plan_tasks(writers: dict[tuple[int, int, int], SettingWriter], n: int) -> list[tuple[int, int]]:
-    """Row ranges [lo, hi) holding whole units of every writer, for the ranges with pending units."""
+def plan_tasks(writers: dict[tuple[int, int, int], SettingWriter], n: int, min_rows: int = 1) -> list[tuple[int, int]]:
+    """Row ranges [lo, hi) holding whole units of every writer, for the ranges with pending units.
+
+    A range is a multiple of the largest unit (every unit size is a power of two, so it
+    holds whole units of every setting), and at least ``min_rows`` long when the data allow.
+    """
     if not writers:
         return []
-    step = max(w.plan.unit_rows for w in writers.values())
+    largest = max(w.plan.unit_rows for w in writers.values())
+    step = largest * max(1, -(-min_rows // largest))
     ranges = [(lo, min(n, lo + step)) for lo in range(0, n, step)]
     return [(lo, hi) for lo, hi in ranges if any(w.units_in(lo, hi) for w in writers.values())]
 
@@ -104,7 +118,8 @@ def run_task(work: SplitWork, lo: int, hi: int, report, currents: dict | None = 
     try:
         with one_cpu_thread(work.dev):
             run_forward(work.unet, work.tab, rows, won, work.blocks, work.ts, work.pools, work.res, work.dev,
-                        work.dtype, work.batch_size, work.num_workers, work.seed, work.draws, work.progress, report)
+                        work.dtype, work.batch_size, work.num_workers, work.seed, work.draws, work.progress, report,
+                        compile=work.compile, bar=work.bar)
     finally:
         for w in won.values():
             w.abandon()  # after an error, others (or a rerun) may take these units at once
@@ -121,11 +136,16 @@ def run_all(work: SplitWork, report, *, wait: bool = True) -> int:
     written = 0
     last_log = 0.0
     pending = work.pending()
-    with Renewer([w.claims for w in pending.values()]):
+    if not pending:
+        return 0
+    rows = len(np.unique(np.concatenate([np.arange(*w.plan.unit_range(u)) for w in pending.values()
+                                         for u in w.pending])))
+    work.bar = Progress(rows, f"extract {work.tab.dataset}/{work.tab.split}", enabled=work.progress)
+    with Renewer([w.claims for w in pending.values()]), contextlib.closing(work.bar):
         while pending:
             currents = {k: w.claims.current() for k, w in pending.items()}
             done_now = 0
-            for lo, hi in plan_tasks(pending, n):
+            for lo, hi in plan_tasks(pending, n, work.task_rows):
                 done_now += run_task(work, lo, hi, report, currents)
             written += done_now
             for w in pending.values():
