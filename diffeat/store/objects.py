@@ -307,6 +307,31 @@ class ObjectStore:
         return f"the prefix holds {len(found)} entries but no zarr.json"
 
 
+def _translated(name: str, *, writing: bool):
+    """``FsspecStore.<name>`` with remote errors turned into one-line ``StoreError``s."""
+    async def method(self, *args, **kwargs):
+        try:
+            return await getattr(FsspecStore, name)(self, *args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - translated or re-raised as is
+            reraise_remote(self.location, e, writing=writing)
+
+    method.__name__ = name
+    return method
+
+
+def _translated_listing(name: str):
+    """The async-generator ``FsspecStore.<name>`` with remote errors translated."""
+    async def method(self, *args, **kwargs):
+        try:
+            async for key in getattr(FsspecStore, name)(self, *args, **kwargs):
+                yield key
+        except Exception as e:  # noqa: BLE001 - translated or re-raised as is
+            reraise_remote(self.location, e, writing=False)
+
+    method.__name__ = name
+    return method
+
+
 class RemoteZarrStore(FsspecStore):
     """zarr's ``FsspecStore`` whose errors of access (denied, no credentials, unreachable endpoint,
     missing bucket) are one-line ``StoreError``s naming the store, instead of tracebacks
@@ -335,65 +360,14 @@ class RemoteZarrStore(FsspecStore):
     def __repr__(self) -> str:
         return f"<RemoteZarrStore({self.location})>"
 
-    async def get(self, key, prototype, byte_range=None):
-        try:
-            return await super().get(key, prototype, byte_range)
-        except Exception as e:  # noqa: BLE001
-            reraise_remote(self.location, e, writing=False)
-
-    async def get_partial_values(self, prototype, key_ranges):
-        try:
-            return await super().get_partial_values(prototype, key_ranges)
-        except Exception as e:  # noqa: BLE001
-            reraise_remote(self.location, e, writing=False)
-
-    async def exists(self, key):
-        try:
-            return await super().exists(key)
-        except Exception as e:  # noqa: BLE001
-            reraise_remote(self.location, e, writing=False)
-
-    async def getsize(self, key):
-        try:
-            return await super().getsize(key)
-        except Exception as e:  # noqa: BLE001
-            reraise_remote(self.location, e, writing=False)
-
-    async def set(self, key, value, byte_range=None):
-        try:
-            return await super().set(key, value, byte_range)
-        except Exception as e:  # noqa: BLE001
-            reraise_remote(self.location, e, writing=True)
-
-    async def delete(self, key):
-        try:
-            return await super().delete(key)
-        except Exception as e:  # noqa: BLE001
-            reraise_remote(self.location, e, writing=True)
-
-    async def delete_dir(self, prefix):
-        try:
-            return await super().delete_dir(prefix)
-        except Exception as e:  # noqa: BLE001
-            reraise_remote(self.location, e, writing=True)
-
-    async def list(self):
-        try:
-            async for key in super().list():
-                yield key
-        except Exception as e:  # noqa: BLE001
-            reraise_remote(self.location, e, writing=False)
-
-    async def list_prefix(self, prefix):
-        try:
-            async for key in super().list_prefix(prefix):
-                yield key
-        except Exception as e:  # noqa: BLE001
-            reraise_remote(self.location, e, writing=False)
-
-    async def list_dir(self, prefix):
-        try:
-            async for key in super().list_dir(prefix):
-                yield key
-        except Exception as e:  # noqa: BLE001
-            reraise_remote(self.location, e, writing=False)
+    # Every method that reaches the object store, with its errors translated.
+    get = _translated("get", writing=False)
+    get_partial_values = _translated("get_partial_values", writing=False)
+    exists = _translated("exists", writing=False)
+    getsize = _translated("getsize", writing=False)
+    set = _translated("set", writing=True)
+    delete = _translated("delete", writing=True)
+    delete_dir = _translated("delete_dir", writing=True)
+    list = _translated_listing("list")
+    list_prefix = _translated_listing("list_prefix")
+    list_dir = _translated_listing("list_dir")
