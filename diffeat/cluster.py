@@ -170,8 +170,8 @@ def _start_local_cluster(workers: int, resources: dict | None, options: dict):
         try:
             from dask_cuda import LocalCUDACluster
         except ImportError:
-            logger.info("resources %s ask for a GPU but dask_cuda is not installed: a plain LocalCluster "
-                        "(every worker sees every GPU)", resources)
+            logger.warning("--workers %d on a GPU without dask-cuda: a plain LocalCluster whose workers all use "
+                           "the default GPU; `pip install dask-cuda` gives one GPU per worker", workers)
         else:
             logger.info("starting a LocalCUDACluster of %d GPU worker(s)", workers)
             try:

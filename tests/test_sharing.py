@@ -255,3 +255,17 @@ def test_ls_on_s3_is_one_listing(s3server, s3_bucket, s3_env, caplog):
     assert len(infos) == 4 and {i.status for i in infos} == {"complete"}
     assert sum("list_objects_v2" in c for c in calls) == 1, calls
     assert not [c for c in calls if "zarr.json" in c], calls
+
+
+def test_nothing_in_a_store_is_a_pickle(tmp_path):
+    """Shared stores are read by everyone: no object may need unpickling (zarr codecs or files)."""
+    store = str(tmp_path / "s.zarr")
+    extract(dataset="digits", model="random:tiny", blocks=[3], ts=[90], store=store, splits=["test"], limit=16,
+            device="cpu", num_workers=0)
+    files = [p for p in Path(store).rglob("*") if p.is_file()]
+    assert len(files) > 10
+    for path in files:
+        head = path.read_bytes()[:2]
+        assert not (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")), path
+        if path.name == "zarr.json" or path.suffix == ".json":
+            assert "pickle" not in path.read_text().lower(), path
