@@ -269,3 +269,24 @@ def test_nothing_in_a_store_is_a_pickle(tmp_path):
         assert not (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")), path
         if path.name == "zarr.json" or path.suffix == ".json":
             assert "pickle" not in path.read_text().lower(), path
+
+
+def test_a_store_from_before_the_catalog_is_listed_and_verify_repair_fills_its_catalog(tmp_path):
+    import shutil
+
+    store = str(tmp_path / "old.zarr")
+    common = dict(dataset="digits", model="random:tiny", ts=[90], store=store, splits=["test"], limit=16,
+                  device="cpu", num_workers=0)
+    extract(blocks=[3], **common)
+    # What a store written by the previous diffeat looks like: no catalog, no root flag.
+    shutil.rmtree(Path(store) / "_catalog")
+    root = zarr.open_group(store, mode="r+")
+    root.attrs["diffeat"] = {"store_format": 1}
+    extract(blocks=[7], **common)  # a new setting gets an entry; the old one has none
+    assert {s.block for s in open_store(store).list_settings()} == {3, 7}  # walked, so both
+    out = CliRunner().invoke(main, ["verify", "--store", store, "--json"])
+    assert out.exit_code == 1 and "no catalog entry" in out.output
+    assert CliRunner().invoke(main, ["verify", "--store", store, "--repair"]).exit_code == 1
+    assert CliRunner().invoke(main, ["verify", "--store", store]).exit_code == 0
+    assert dict(zarr.open_group(store, mode="r").attrs)["diffeat"]["catalog"] == 1
+    assert {s.block for s in open_store(store).list_settings()} == {3, 7}  # from the catalog now

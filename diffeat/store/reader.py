@@ -208,7 +208,10 @@ class FeatureStore:
         """
         from diffeat.store.catalog import read_catalog
 
-        entries = None if walk else read_catalog(self.objects)
+        # Only a store whose root says so has an entry for every setting: one made before the
+        # catalog existed is walked until `diffeat verify --repair` fills its catalog in.
+        complete = dict(self.root.attrs).get("diffeat", {}).get("catalog")
+        entries = read_catalog(self.objects) if complete and not walk else None
         out = [_info_from_entry(e) for e in entries] if entries is not None else self._walk()
         key = lambda s: (s.model, s.dataset, s.split, s.name or "", s.block or 0, s.t or 0, s.pool or 0)  # noqa: E731
         return sorted(out, key=key)
@@ -304,7 +307,8 @@ def _open_or_create_root(store) -> zarr.Group:
         root = zarr.open_group(store=store, mode="r+")
     if "diffeat" not in root.attrs:
         # Identical bytes from every writer that gets here, so a race only writes the same thing twice.
-        root.attrs["diffeat"] = {"store_format": STORE_FORMAT}
+        # "catalog": every setting of this store has a catalog entry (it was made with the catalog).
+        root.attrs["diffeat"] = {"store_format": STORE_FORMAT, "catalog": 1}
     return root
 
 

@@ -138,6 +138,9 @@ def verify(store: FeatureStore, *, settings: list[str] | None = None, repair: bo
     if repair:
         for check in checks:
             _repair(store, check)
+        if not settings and not dict(store.root.attrs)["diffeat"].get("catalog"):
+            # Every array now has its entry: `ls` may trust the catalog from here on.
+            store.root.attrs["diffeat"] = {**dict(store.root.attrs)["diffeat"], "catalog": 1}
     return VerifyReport(store.location, checks, time.perf_counter() - start)
 
 
