@@ -73,6 +73,7 @@ class SplitJob:
 
 
 _WORKER_CACHE: dict[tuple, object] = {}  # per worker process: the model, store and writers of the last job
+MODEL_LOADS = [0]  # models this worker process has loaded (tests check: once per worker and job)
 
 
 def _work_for(job: SplitJob):
@@ -97,6 +98,7 @@ def _work_for(job: SplitJob):
         raise DiffeatError(f"worker {platform.node()}: dataset {job.dataset}/{job.split} at {job.root} differs from "
                            "the coordinator's (manifest hash): workers must see the same files")
     loaded = load_model(job.model)
+    MODEL_LOADS[0] += 1
     if loaded.weights_sha256 != job.weights_sha256:
         raise DiffeatError(f"worker {platform.node()}: model {job.model} has other weights than the coordinator's "
                            f"({loaded.weights_sha256[:12]} != {job.weights_sha256[:12]})")
