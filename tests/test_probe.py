@@ -463,3 +463,34 @@ def test_report_writes_long_csv_and_json_that_read_back(tmp_path):
     doc = json.loads(doc_path.read_text())
     assert doc["config"] == {"n": 3} and doc["results"] == [None] and doc["versions"]["numpy"] == np.__version__
     assert to_jsonable((np.float32(0.5), Path("a"))) == [0.5, "a"]
+
+
+def test_streamed_statistics_on_a_dask_cluster_are_the_same_numbers(tmp_path):
+    """`probe --workers 2`: the statistics pass of a streamed split runs on a LocalCluster of 2 processes."""
+    from distributed import Client, LocalCluster
+
+    from diffeat.extract import extract
+    from diffeat.probe.cluster import cluster_moments
+    from diffeat.probe.data import moments
+    from diffeat.store import open_store
+
+    store = str(tmp_path / "chunked.zarr")  # 16-row chunks: many blocks to spread
+    extract(dataset="digits", model="random:tiny", blocks=[3], ts=[90], store=store, limit=320, chunk_rows=16,
+            device="cpu", num_workers=0)
+    features = open_store(store).open_features(dataset="digits", split="train", block=3, t=90, pool=1)
+    source = make_source(features, 1, torch.device("cpu"), block_rows=64)
+    assert not source.in_memory and len(source.ranges) == 5
+    fit, val = stratified_split(source.labels, 0.1, 0)
+    local = moments(source, fit, val)
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        remote = cluster_moments(client, features, source, fit, val, blocks_per_task=2)
+    for a, b in zip(local, remote, strict=True):
+        assert a.count == b.count
+        np.testing.assert_array_equal(a.mean, b.mean)
+        np.testing.assert_array_equal(a.m2, b.m2)
+    common = dict(store=store, dataset="digits", heads=["linear"], device="cpu", min_steps=50, lrs=[0.03],
+                  wds=[1e-2], save_weights=False, seed=5, memory_budget=1)
+    alone = probe(out=tmp_path / "a", **common).summaries()[0]
+    spread = probe(out=tmp_path / "b", workers=2, **common).summaries()[0]
+    assert {k: alone[k] for k in ("top1", "top5", "val_top1")} == {k: spread[k] for k in ("top1", "top5", "val_top1")}

@@ -25,6 +25,9 @@ def _floats(values: tuple[str, ...], option: str) -> list[float] | None:
 @click.command()
 @click.option("--store", required=True, help="Feature store: a path or fsspec URL (opened read-only).")
 @click.option("--storage-options", "storage_opts", help="JSON of fsspec options for a remote store.")
+@click.option("--scheduler", help="A dask scheduler (tcp://host:8786) for the statistics pass of splits "
+              "streamed from the store; training stays in this process.")
+@click.option("--workers", type=int, help="... or a local dask cluster of this many processes.")
 @click.option("--dataset", required=True, help="Dataset whose features to probe.")
 @click.option("--model", help="Model of the features (needed only when the store holds several).")
 @click.option("--block", "blocks", multiple=True, help="Block(s): 24, 19,24 or 20-24; repeatable. "
@@ -67,7 +70,7 @@ def _floats(values: tuple[str, ...], option: str) -> list[float] | None:
               help="Results directory (a run folder with results.csv, run.json and heads/ is created in it).")
 @click.option("--save-weights/--no-save-weights", default=True, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document (a list of results) instead of text.")
-def probe(store, storage_opts, dataset, model, blocks, ts, pools, name, heads, train_split, test_split,
+def probe(store, storage_opts, scheduler, workers, dataset, model, blocks, ts, pools, name, heads, train_split, test_split,
           val_fraction, lrs, wds, epochs, min_steps, batch_size, standardize, refit, linear_bn, mlp_hidden, cnn_width,
           cnn_depth, attn_dim, attn_depth, attn_heads, knn_k, knn_t, cs, device, memory_budget, seed, out,
           save_weights, as_json):
@@ -107,7 +110,7 @@ def probe(store, storage_opts, dataset, model, blocks, ts, pools, name, heads, t
                                      f"(add --head {head})", param_hint=option)
         head_options.setdefault(head, {})[key] = value
     report = run_probe(
-        store=store, storage_options=storage_options(storage_opts), dataset=dataset, model=model, name=name,
+        store=store, storage_options=storage_options(storage_opts), scheduler=scheduler, workers=workers, dataset=dataset, model=model, name=name,
         blocks=parse_int_list(blocks, "--block") or None, ts=parse_int_list(ts, "--t") or None,
         pools=parse_int_list(pools, "--pool") or None, heads=heads, train_split=train_split, test_split=test_split,
         val_fraction=val_fraction, lrs=_floats(lrs, "--lr"), wds=_floats(wds, "--wd"), epochs=epochs,

@@ -41,6 +41,7 @@ class Options:
     device: torch.device
     budget: int
     seed: int
+    client: object = None  # a dask client for the statistics pass of streamed splits (probe.cluster)
 
 
 def trained_heads(specs: list[HeadSpec], train_src: RowSource, test_src: RowSource, fit_rows: np.ndarray,

@@ -107,6 +107,8 @@ def probe(
     out: str | Path = "results",
     save_weights: bool = True,
     storage_options: dict | None = None,
+    scheduler: str | None = None,
+    workers: int | None = None,
 ) -> ProbeReport:
     """Train and evaluate heads on cached features; write results under ``out``.
 
@@ -137,6 +139,9 @@ def probe(
         out: results directory; a run directory is created in it.
         save_weights: write each final head as safetensors.
         storage_options: fsspec options for a remote store.
+        scheduler, workers: a dask scheduler address, or a local cluster of that many
+            processes, for the statistics pass of splits streamed from the store
+            (``diffeat.probe.cluster``); training stays in this process.
 
     Returns:
         A :class:`ProbeReport`.
@@ -169,6 +174,9 @@ def probe(
         get_head(h)
     budget = parse_bytes(memory_budget)
     dev = resolve_device(device)
+    from diffeat.cluster import check_cluster_options
+
+    check_cluster_options(scheduler, workers)
 
     fs = store if isinstance(store, FeatureStore) else open_store(store, mode="r", storage_options=storage_options)
     pairs: dict[str, tuple[FeatureSet, FeatureSet]] = {}
@@ -205,17 +213,20 @@ def probe(
     logger.info("probe run %s: %d setting(s) x heads %s", run_dir, len(pairs), head_names)
 
     # ---- training ----
-    opts = Options(specs, lr_grid, wd_grid, c_grid, head_options, epochs, min_steps, batch_size, standardize, refit,
-                    val_fraction, knn_k, knn_temperature, dev, budget, seed)
-    for tr, te in pairs.values():
-        outcomes = _probe_setting(tr, te, opts)
-        if save_weights:
-            save_heads(run_dir, tr, outcomes)
-        results = [r for r, _ in outcomes]
-        rows = [row for r in results for row in csv_rows(run_dir.name, r, train_split, test_split)]
-        # Appended per setting, so a long multi-setting run keeps what it finished if it dies.
-        write_long_csv(run_dir / "results.csv", rows, CSV_COLUMNS, append=True)
-        report.results.extend(results)
+    from diffeat.cluster import cluster_client
+
+    with cluster_client(scheduler, workers) as client:
+        opts = Options(specs, lr_grid, wd_grid, c_grid, head_options, epochs, min_steps, batch_size, standardize,
+                       refit, val_fraction, knn_k, knn_temperature, dev, budget, seed, client)
+        for tr, te in pairs.values():
+            outcomes = _probe_setting(tr, te, opts)
+            if save_weights:
+                save_heads(run_dir, tr, outcomes)
+            results = [r for r, _ in outcomes]
+            rows = [row for r in results for row in csv_rows(run_dir.name, r, train_split, test_split)]
+            # Appended per setting, so a long multi-setting run keeps what it finished if it dies.
+            write_long_csv(run_dir / "results.csv", rows, CSV_COLUMNS, append=True)
+            report.results.extend(results)
     report.seconds = time.perf_counter() - t0
     write_run_json(run_dir / "run.json", stage="probe", config=config, started=started, seconds=report.seconds,
                    results=[{**r.summary(), "grid": r.grid, "val": r.val, "test": r.test, "n_params": r.n_params}
@@ -235,7 +246,12 @@ def _probe_setting(train_fs: FeatureSet, test_fs: FeatureSet, o: Options) -> lis
     fit_rows, val_rows = stratified_split(train_src.labels, o.val_fraction, o.seed)
     all_rows = np.arange(len(train_src), dtype=np.int64)
     test_rows = np.arange(len(test_src), dtype=np.int64)
-    m_fit, m_val = moments(train_src, fit_rows, val_rows)
+    if o.client is not None and not train_src.in_memory:
+        from diffeat.probe.cluster import cluster_moments
+
+        m_fit, m_val = cluster_moments(o.client, train_fs, train_src, fit_rows, val_rows)
+    else:
+        m_fit, m_val = moments(train_src, fit_rows, val_rows)
     std_fit = Standardize(*m_fit.standardizer(o.standardize))
     std_all = Standardize(*m_fit.combined(m_val).standardizer(o.standardize)) if o.refit else std_fit
     rows_final = all_rows if o.refit else fit_rows
