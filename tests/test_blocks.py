@@ -4,20 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import UNet2DConditionModel, UNet2DModel
+from diffusers import UNet2DModel
 
 from diffeat.errors import DiffeatError
 from diffeat.models.blocks import block_table, capture_blocks, check_resolution
 from diffeat.models.loading import ARCHITECTURES, build_random
-
-
-def tiny_sd_unet() -> UNet2DConditionModel:
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16, attention_head_dim=8, norm_num_groups=8,
-    ).eval()
+from tiny_models import tiny_sd_unet
 
 
 @pytest.mark.parametrize("make, n_blocks", [

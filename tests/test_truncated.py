@@ -7,7 +7,6 @@ import weakref
 import pytest
 import torch
 import torch.nn.functional as F
-from diffusers import UNet2DConditionModel
 
 from diffeat.errors import DiffeatError
 from diffeat.models.blocks import block_modules, capture_blocks
@@ -18,15 +17,7 @@ from diffeat.models.truncated import (
     feature_forward,
     unsupported_reason,
 )
-
-
-def tiny_sd_unet() -> UNet2DConditionModel:
-    torch.manual_seed(0)
-    return UNet2DConditionModel(
-        sample_size=16, in_channels=4, out_channels=4, layers_per_block=1, block_out_channels=(32, 64),
-        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"), up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-        cross_attention_dim=16, attention_head_dim=8, norm_num_groups=8,
-    ).eval()
+from tiny_models import tiny_sd_unet
 
 
 @pytest.fixture(scope="module")

@@ -121,7 +121,7 @@ _OPEN: dict[tuple, Any] = {}
 _OPEN_LOCK = threading.Lock()
 
 
-def _open(ref: ArrayRef) -> ArraySource:
+def open_ref(ref: ArrayRef) -> ArraySource:
     """The ref's array opened read-only in this (worker) process, as a source."""
     key = (ref.location, json.dumps(ref.storage_options, sort_keys=True, default=str), ref.path)
     with _OPEN_LOCK:
@@ -152,21 +152,21 @@ def moments_task(ref: ArrayRef, ranges: Sequence[tuple[int, int]]) -> list[tuple
     """Per-block moments (:func:`~diffeat.cka.sources.block_moments`) of the row blocks ``ranges``."""
     from diffeat.cka.sources import prefetch
 
-    source = _open(ref)
+    source = open_ref(ref)
     return [block_moments(block) for block in prefetch(source.read(lo, hi) for lo, hi in ranges)]
 
 
 def features_task(refs: dict[int, ArrayRef], moments: dict[int, Moments], group: list[tuple[int, int]],
                   rows: int, dtype: np.dtype, lo: int, hi: int) -> tuple[dict, np.ndarray]:
     """The feature route's partial sums (:func:`~diffeat.cka.routes.feature_stats`) over rows ``[lo, hi)``."""
-    sources = {i: _open(ref) for i, ref in refs.items()}
+    sources = {i: open_ref(ref) for i, ref in refs.items()}
     return feature_stats(sources, moments, group, rows, np.dtype(dtype), lo, hi)
 
 
 def gram_task(refs: list[ArrayRef], moments: list[Moments], r0: int, c_lo: int, c_hi: int, tile: int,
               estimator: str, dtype: np.dtype) -> np.ndarray:
     """A run of Gram tiles of one row (:func:`~diffeat.cka.routes.gram_row_block`)."""
-    return gram_row_block([_open(r) for r in refs], moments, r0, tile, estimator, np.dtype(dtype), c_lo, c_hi)
+    return gram_row_block([open_ref(r) for r in refs], moments, r0, tile, estimator, np.dtype(dtype), c_lo, c_hi)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -84,26 +84,21 @@ def unsupported_reason(unet: nn.Module) -> str | None:
             return f"encoder_hid_dim_type={config.encoder_hid_dim_type!r} needs image embeddings"
         if getattr(unet, "position_net", None) is not None:
             return "GLIGEN position net"
-    for level in unet.down_blocks:
-        name = type(level).__name__
-        if name not in _DOWN_TYPES:
-            return f"down block type {name}"
-        if any(not _is_resnet_block(r) for r in level.resnets):
-            return f"{name} has non-ResnetBlock2D layers"
-        if level.downsamplers is not None and len(level.downsamplers) != 1:
-            return f"{name} has {len(level.downsamplers)} downsamplers"
     if type(unet.mid_block).__name__ not in _MID_TYPES:
         return f"mid block type {type(unet.mid_block).__name__}"
-    for level in unet.up_blocks:
-        name = type(level).__name__
-        if name not in _UP_TYPES:
-            return f"up block type {name}"
-        if any(not _is_resnet_block(r) for r in level.resnets):
-            return f"{name} has non-ResnetBlock2D layers"
-        if level.upsamplers is not None and len(level.upsamplers) != 1:
-            return f"{name} has {len(level.upsamplers)} upsamplers"
-        if all(getattr(level, k, None) for k in ("s1", "s2", "b1", "b2")):
-            return "FreeU is enabled"
+    for side, levels, types, samplers in (("down", unet.down_blocks, _DOWN_TYPES, "downsamplers"),
+                                          ("up", unet.up_blocks, _UP_TYPES, "upsamplers")):
+        for level in levels:
+            name = type(level).__name__
+            if name not in types:
+                return f"{side} block type {name}"
+            if any(not _is_resnet_block(r) for r in level.resnets):
+                return f"{name} has non-ResnetBlock2D layers"
+            sampler = getattr(level, samplers)
+            if sampler is not None and len(sampler) != 1:
+                return f"{name} has {len(sampler)} {samplers}"
+            if side == "up" and all(getattr(level, k, None) for k in ("s1", "s2", "b1", "b2")):
+                return "FreeU is enabled"
     return None
 
 

@@ -25,9 +25,9 @@ logger = logging.getLogger(__name__)
 def block_moments_task(ref, ranges: Sequence[tuple[int, int]], fit: Sequence[np.ndarray],
                        val: Sequence[np.ndarray]) -> list[tuple[RunningMoments, RunningMoments]]:
     """Worker side: ``(fit, val)`` moments of each block; ``fit[i]``/``val[i]`` are row offsets in block ``i``."""
-    from diffeat.cka.cluster import _open
+    from diffeat.cka.cluster import open_ref
 
-    array = _open(ref).array
+    array = open_ref(ref).array
     out = []
     for (lo, hi), f, v in zip(ranges, fit, val, strict=True):
         block = np.asarray(array[lo:hi], dtype=np.float32)

@@ -27,8 +27,10 @@ import platform
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 
+from diffeat.errors import StoreError
 from diffeat.store.objects import ObjectStore
 
 logger = logging.getLogger(__name__)
@@ -131,6 +133,25 @@ class Claims:
                     self.held[unit] = gen
                 won.append(unit)
         return won
+
+    def create_once(self, exists: Callable[[], bool], create: Callable[[], None], what: str) -> None:
+        """Make sure something exists, created by exactly one of the writers that need it.
+
+        The winner of the pseudo-unit ``create`` runs ``create``; the others wait until
+        ``exists()`` (or take over once the winner's claim expires, if it died).
+        """
+        deadline = time.monotonic() + self.lease
+        while not exists():
+            if self.try_claim([CREATE]):
+                try:
+                    if not exists():
+                        create()
+                finally:
+                    self.release(CREATE)
+                return
+            if time.monotonic() > deadline:
+                raise StoreError(f"{what}: another writer has been creating it for {self.lease:.0f} s")
+            time.sleep(0.2)
 
     def renew(self) -> None:
         """Extend every held claim by one lease (creating the next generation); drop lost ones."""

@@ -128,6 +128,15 @@ def _local_path(location: str) -> Path | None:
     return None
 
 
+def _complete_temp_file(path: str, data: bytes) -> str:
+    """Write ``data`` to a fresh temp file beside ``path`` (``.tmp``: listings skip it); return its path."""
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+    with open(tmp, "wb") as f:
+        f.write(data)
+    return tmp
+
+
 class ObjectStore:
     """Byte objects under a store root, with exclusive create and prefix listing."""
 
@@ -161,10 +170,7 @@ class ObjectStore:
         """Write ``key`` only if it does not exist; True if this call created it."""
         path = self._path(key)
         if self._local is not None:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-            with open(tmp, "wb") as f:
-                f.write(data)
+            tmp = _complete_temp_file(path, data)
             try:
                 os.link(tmp, path)  # fails if it exists: atomic, and the content is complete
                 return True
@@ -183,11 +189,7 @@ class ObjectStore:
         """Write (or replace) ``key`` atomically: readers see the old or the new bytes."""
         path = self._path(key)
         if self._local is not None:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-            with open(tmp, "wb") as f:
-                f.write(data)
-            os.replace(tmp, path)
+            os.replace(_complete_temp_file(path, data), path)
             return
         with self._remote(writing=True):
             self.fs.pipe_file(path, data)

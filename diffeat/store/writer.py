@@ -28,7 +28,7 @@ import zarr
 from diffeat import __version__
 from diffeat.errors import StoreError
 from diffeat.store import catalog
-from diffeat.store.claims import CREATE, Claims
+from diffeat.store.claims import Claims
 from diffeat.store.layout import STORE_FORMAT, ChunkPlan, plan_chunks, settings_hash, table_path
 from diffeat.store.reader import FeatureStore
 
@@ -62,19 +62,8 @@ def write_sample_table(store: FeatureStore, table) -> str:
     """Store a dataset split's sample table once (keyed by its manifest hash); return its path."""
     digest = table.manifest_sha256()
     path = table_path(table.dataset, table.split, digest)
-    claims = Claims(store.objects, f"table-{digest}")
-    deadline = time.monotonic() + claims.lease
-    while not _table_complete(store, path):
-        if claims.try_claim([CREATE]):  # one writer writes it; others wait for it
-            try:
-                if not _table_complete(store, path):
-                    _write_table(store, table, path, digest)
-            finally:
-                claims.release(CREATE)
-            break
-        if time.monotonic() > deadline:
-            raise StoreError(f"{path}: another writer has been writing this sample table for {claims.lease:.0f} s")
-        time.sleep(0.2)
+    Claims(store.objects, f"table-{digest}").create_once(
+        lambda: _table_complete(store, path), lambda: _write_table(store, table, path, digest), f"sample table {path}")
     return path
 
 
@@ -147,18 +136,8 @@ class SettingWriter:
         plan = plan_chunks(shape[0], row_bytes, chunk_rows)
         data_path = f"{path}/data"
         claims = Claims(store.objects, attrs.get("settings_hash") or settings_hash(attrs), owner=owner)
-        deadline = time.monotonic() + claims.lease
-        while not _exists(store, data_path):
-            if claims.try_claim([CREATE]):
-                try:
-                    if not _exists(store, data_path):
-                        _create(store, path, shape, dtype, attrs, plan)
-                finally:
-                    claims.release(CREATE)
-                break
-            if time.monotonic() > deadline:
-                raise StoreError(f"{data_path}: another writer has been creating it for {claims.lease:.0f} s")
-            time.sleep(0.2)  # another writer is creating it
+        claims.create_once(lambda: _exists(store, data_path), lambda: _create(store, path, shape, dtype, attrs, plan),
+                           data_path)
         array = zarr.open_array(store=store.root.store, path=data_path, mode="r+")
         meta = dict(array.attrs).get("diffeat", {})
         if tuple(array.shape) != tuple(shape) or str(array.dtype) != dtype:
