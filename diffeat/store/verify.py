@@ -61,6 +61,7 @@ class SettingCheck:
     problems: list[str] = field(default_factory=list)  # provenance / ledger / catalog
     bytes_read: int = 0
     repaired: bool = False
+    settings_hash: str = ""  # set for an orphan catalog entry, whose key it is
 
     @property
     def ok(self) -> bool:
@@ -133,8 +134,9 @@ def verify(store: FeatureStore, *, settings: list[str] | None = None, repair: bo
                                   "different weight hashes in this store")
     for path in sorted(set(entries) - {s.path for s in walked}):
         if not settings:
-            checks.append(SettingCheck(path, entries[path].get("settings_hash", ""), "missing",
-                                       problems=["catalog entry for an array that does not exist"]))
+            checks.append(SettingCheck(path, "catalog entry", "missing",
+                                       problems=["catalog entry for an array that does not exist"],
+                                       settings_hash=entries[path].get("settings_hash", "")))
     if repair:
         for check in checks:
             _repair(store, check)
@@ -222,7 +224,7 @@ def _check_setting(store: FeatureStore, info: SettingInfo, entry: dict | None) -
 def _repair(store: FeatureStore, check: SettingCheck) -> None:
     """Unflag damaged units (extract recomputes them) and rewrite the catalog entry."""
     if check.status == "missing":
-        store.objects.delete(catalog.entry_key(check.label))  # an orphan entry's label is its hash
+        store.objects.delete(catalog.entry_key(check.settings_hash))
         return
     array = zarr.open_array(store=store.root.store, path=check.path, mode="r+")
     done = zarr.open_array(store=store.root.store, path=f"{check.path.rsplit('/', 1)[0]}/done", mode="r+")
