@@ -55,9 +55,11 @@ class CkaConfig(StageConfig):
         from diffeat.runtime.cluster import check_cluster_options
         from diffeat.runtime.memory import memory_budget
 
-        self._set("store", str(self.store))
+        from diffeat.store.location import check_location
+
+        self._set("store", check_location(self.store))
         if self.out is not None:
-            self._set("out", str(self.out))
+            self._set("out", check_location(self.out, "--out"))
         for name in ("a", "b", "names"):
             self._set(name, as_strs(getattr(self, name)))
         for name, flag in (("blocks", "--block"), ("ts", "--t"), ("pools", "--pool")):

@@ -13,8 +13,12 @@ from diffeat.cli.options import echo_json
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of {block, module, channels, height, width}.")
 def blocks(model, resolution, as_json):
     """Show what block N is: module, channels and resolution (1-based, as in the paper)."""
+    from diffeat.extract.config import MAX_RESOLUTION
     from diffeat.models.blocks import block_table
     from diffeat.models.loading import load_model
+
+    if resolution is not None and not 1 <= resolution <= MAX_RESOLUTION:
+        raise click.BadParameter(f"{resolution} is invalid: 1..{MAX_RESOLUTION} px", param_hint="--resolution")
 
     loaded = load_model(model)
     table = block_table(loaded.unet, resolution)

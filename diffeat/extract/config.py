@@ -20,6 +20,10 @@ from diffeat.store.layout import STORE_DTYPES
 #: Compute precisions of the forward (``--dtype``).
 COMPUTE_DTYPE_NAMES = ("float32", "bfloat16", "float16")
 
+#: Largest input resolution (``--resolution``): 8x ADM-512's; a 100,000 px input overflowed torch's
+#: size computation with a traceback.
+MAX_RESOLUTION = 4096
+
 
 @dataclass(frozen=True)
 class ExtractConfig(StageConfig):
@@ -56,7 +60,12 @@ class ExtractConfig(StageConfig):
     def __post_init__(self) -> None:
         from diffeat.models.noise import check_timestep
 
-        self._set("store", str(self.store))
+        from diffeat.store.location import check_location
+
+        from diffeat.data.registry import DATASETS
+
+        self._set("store", check_location(self.store))
+        check_choice(self.dataset, DATASETS, "--dataset")
         for name in ("root", "classes"):
             value = getattr(self, name)
             self._set(name, None if value is None else str(value))
@@ -81,6 +90,9 @@ class ExtractConfig(StageConfig):
             value = getattr(self, name)
             if value is not None:
                 check_at_least(value, low, f"--{name.replace('_', '-')}", what="an integer")
+        if self.resolution is not None and self.resolution > MAX_RESOLUTION:
+            raise DiffeatError(f"--resolution {self.resolution} is invalid: at most {MAX_RESOLUTION} px (the input "
+                               "of one image alone would take gigabytes)")
         if self.chunk_rows is not None and (self.chunk_rows < 1 or self.chunk_rows & (self.chunk_rows - 1)):
             raise DiffeatError(f"--chunk-rows {self.chunk_rows} is invalid: it must be a power of two >= 1")
         from diffeat.runtime.cluster import check_cluster_options

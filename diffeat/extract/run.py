@@ -30,7 +30,8 @@ from diffeat.models.noise import NOISE_RULE
 from diffeat.runtime.cluster import cluster_client
 from diffeat.runtime.devices import resolve_device
 from diffeat.store.layout import setting_name, setting_path, settings_hash
-from diffeat.store.reader import FeatureStore, as_store, store_option
+from diffeat.store.objects import disk_error
+from diffeat.store.reader import FeatureStore, as_store, check_writable_location, store_option
 from diffeat.store.writer import SettingWriter, write_sample_table
 
 if TYPE_CHECKING:
@@ -87,8 +88,12 @@ def run_extract(config: ExtractConfig, *, store: FeatureStore | None = None) -> 
         tables[split] = table.head(c.limit) if c.limit is not None else table
         tables[split].check_files()
 
-    fs = as_store(store if store is not None else c.store, mode="a", storage_options=c.storage_options)
-    fs.check_writable()  # read-only credentials fail here, before the model is loaded
+    # Read-only credentials fail here, before the model is loaded; nothing is created yet: a run
+    # refused below (a block the model lacks, a bad pool size) leaves no store behind.
+    if store is not None:
+        store.check_writable()
+    else:
+        check_writable_location(c.store, c.storage_options)
 
     loaded = load_model(c.model)
     res = c.resolution or loaded.resolution
@@ -97,12 +102,19 @@ def run_extract(config: ExtractConfig, *, store: FeatureStore | None = None) -> 
     _check_pools(table, c.blocks, c.pools, res)
     model_inputs(loaded.unet, 1, "cpu", torch.float32)  # refuses class-conditional models now, not mid-run
 
-    report = ExtractReport(model=loaded.name, dataset=c.dataset, store=fs.location, config=c.as_dict())
-    run = _Run(c, fs, loaded, table, res, dev, ForwardCache())
-    start = time.perf_counter()
-    with cluster_client(c.scheduler, c.workers, resources={"GPU": 1} if dev.type == "cuda" else None) as client:
-        for tab in tables.values():
-            _extract_split(run, tab, report, client)
+    try:
+        fs = as_store(store if store is not None else c.store, mode="a", storage_options=c.storage_options)
+        report = ExtractReport(model=loaded.name, dataset=c.dataset, store=fs.location, config=c.as_dict())
+        run = _Run(c, fs, loaded, table, res, dev, ForwardCache())
+        start = time.perf_counter()
+        with cluster_client(c.scheduler, c.workers, resources={"GPU": 1} if dev.type == "cuda" else None) as client:
+            for tab in tables.values():
+                _extract_split(run, tab, report, client)
+    except OSError as e:
+        full = disk_error(c.store, e)  # a full disk is the user's to fix: one line, and the run resumes
+        if full is None:
+            raise
+        raise full from None
     report.seconds = time.perf_counter() - start
     return report
 

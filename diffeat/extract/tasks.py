@@ -78,17 +78,18 @@ def run_task(work: SplitWork, lo: int, hi: int, report: ExtractReport, currents:
     """
     won: dict[tuple[int, int, int], SettingWriter] = {}
     parts = []
-    for key, w in work.writers.items():
-        units = w.units_in(lo, hi)
-        got = w.claim(units, (currents or {}).get(key)) if units else []
-        if got:
-            won[key] = w
-            parts += [np.arange(*w.plan.unit_range(u)) for u in got]
-    if not won:
-        return 0
-    rows = np.unique(np.concatenate(parts))
-    before = sum(w.written for w in won.values())
+    before = 0
     try:
+        for key, w in work.writers.items():
+            units = w.units_in(lo, hi)
+            got = w.claim(units, (currents or {}).get(key)) if units else []
+            if got:
+                won[key] = w
+                parts += [np.arange(*w.plan.unit_range(u)) for u in got]
+        if not won:
+            return 0
+        rows = np.unique(np.concatenate(parts))
+        before = sum(w.written for w in won.values())
         with one_cpu_thread(work.dev):
             run_forward(work, rows, won, report, bar=work.bar)
     finally:

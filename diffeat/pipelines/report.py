@@ -23,6 +23,21 @@ from diffeat.errors import DiffeatError
 
 logger = logging.getLogger(__name__)
 
+#: The accuracies a report can draw (``metric:``).
+METRICS = ("top1", "top5", "balanced_acc")
+
+
+def check_report_options(args: dict, where: str) -> None:
+    """The report stage's own checks (it has no options record): its metric and its output folder."""
+    from diffeat.runtime.checks import check_choice
+    from diffeat.store.location import check_location
+
+    try:
+        check_choice(args.get("metric", "top1"), METRICS, "metric")
+        check_location(args.get("out"), "out")
+    except DiffeatError as e:
+        raise DiffeatError(f"stage {where}: {e}") from None
+
 
 @dataclass(frozen=True)
 class Cell:

@@ -34,12 +34,59 @@ import yaml
 from diffeat.errors import DiffeatError
 from diffeat.pipelines.stages import KINDS, StageKind
 from diffeat.pipelines.variables import Resolver, collect
+from diffeat.runtime.checks import check_name
 
 TOP_KEYS = ("name", "description", "vars", "defaults", "stages")
 STAGE_META = ("kind", "needs", "foreach", "matrix", "description")
 
 #: Pipelines that ship inside the package (``diffeat run demo``).
 BUILTIN_PIPELINES = ("demo",)
+
+#: Largest pipeline file read (the shipped ones are under 5 KiB).
+MAX_FILE_BYTES = 1 << 20
+#: Most values (mappings, lists and scalars, each alias counted as what it expands to) a pipeline
+#: may hold: YAML aliases let a 600-byte file expand to billions of values (measured: `run --dry-run`
+#: hung), while the largest shipped pipeline holds about 300.
+MAX_VALUES = 100_000
+
+
+def expanded_size(value: Any, where: str, limit: int = MAX_VALUES) -> int:
+    """The number of values ``value`` holds once every alias is expanded; a ``DiffeatError`` over ``limit``.
+
+    Shared sub-objects (YAML aliases) are counted once per use, but computed once (memoised by
+    identity), so this takes time linear in the size of the file, not of its expansion.
+    """
+    memo: dict[int, int] = {}
+
+    def size(v: Any) -> int:
+        if not isinstance(v, (dict, list)):
+            return 1
+        if id(v) in memo:
+            return memo[id(v)]
+        memo[id(v)] = limit + 1  # a cycle (a recursive alias) counts as too large
+        items = [x for kv in v.items() for x in kv] if isinstance(v, dict) else v
+        total = 1
+        for item in items:
+            total += size(item)
+            if total > limit:
+                break
+        memo[id(v)] = total
+        return total
+
+    total = size(value)
+    if total > limit:
+        raise DiffeatError(f"{where}: the pipeline expands to more than {limit:,} values (nested YAML aliases?); "
+                           "write it out without aliases")
+    return total
+
+
+def yaml_error_line(e: yaml.YAMLError) -> str:
+    """A YAML parse error in one line: ``line L, column C: problem (context)``."""
+    mark = getattr(e, "problem_mark", None) or getattr(e, "context_mark", None)
+    problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+    context = getattr(e, "context", None)
+    at = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return f"{at}{problem}" + (f" ({context})" if context else "")
 
 
 @dataclass
@@ -127,6 +174,7 @@ class Pipeline:
                 raise DiffeatError(f"{self.where}: stages.{name}.foreach must be a mapping of entry name -> options")
             items = []
             for key, value in foreach.items():
+                check_name(str(key), f"stages.{name}.foreach entry", where=self.where)
                 if not isinstance(value, dict):
                     raise DiffeatError(f"{self.where}: stages.{name}.foreach.{key} must be a mapping of options")
                 items.append((str(key), value))
@@ -143,6 +191,7 @@ class Pipeline:
                 raise DiffeatError(f"{self.where}: stages.{name}.matrix must be a mapping of axis -> values")
             options.update(kind.matrix(matrix, f"{self.where}: stages.{name}.matrix"))
             resolved = local.resolve(options, f"stages.{inst}")
+            expanded_size(resolved, f"{self.where}: stages.{inst}")  # variables may repeat big values
             deps = []
             for n in needs:
                 mine = [e.name for e in earlier if e.stage == n]
@@ -192,10 +241,15 @@ def load_pipeline(source: str | Path, overrides: dict[str, Any] | None = None,
         path = builtin_path(str(source))
     if not path.is_file():
         raise DiffeatError(f"pipeline {source}: no such file (built-in pipelines: {', '.join(BUILTIN_PIPELINES)})")
+    if path.stat().st_size > MAX_FILE_BYTES:
+        raise DiffeatError(f"pipeline {path} is {path.stat().st_size:,} bytes: a pipeline file is at most "
+                           f"{MAX_FILE_BYTES:,}")
     try:
         doc = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
-        raise DiffeatError(f"{path} is not valid YAML: {e}") from e
+        raise DiffeatError(f"{path} is not valid YAML: {yaml_error_line(e)}") from None
+    except UnicodeDecodeError as e:
+        raise DiffeatError(f"{path} is not a text file ({e.reason} at byte {e.start})") from None
     return parse_pipeline(doc, path=path, overrides=overrides, environ=environ)
 
 
@@ -205,6 +259,9 @@ def parse_pipeline(doc: Any, *, path: Path | None = None, overrides: dict[str, A
     where = str(path) if path else "pipeline"
     if not isinstance(doc, dict):
         raise DiffeatError(f"{where}: a pipeline is a mapping with keys {', '.join(TOP_KEYS)}")
+    expanded_size(doc, where)
+    for key, value in (overrides or {}).items():
+        expanded_size(value, f"--set {key}")
     unknown = set(doc) - set(TOP_KEYS)
     if unknown:
         raise DiffeatError(f"{where}: unknown top-level key(s) {sorted(unknown)}; valid: {', '.join(TOP_KEYS)}")
@@ -225,8 +282,8 @@ def parse_pipeline(doc: Any, *, path: Path | None = None, overrides: dict[str, A
         if kind not in KINDS:
             raise DiffeatError(f"{where}: stages.{name} has kind {kind!r}; choose one of {', '.join(KINDS)} "
                                "(set `kind:` when the stage name is not one of them)")
-        if "@" in str(name):
-            raise DiffeatError(f"{where}: stage name {name!r} may not contain '@'")
+        # Stage names become record file names (.diffeat-<pipeline>-<stage>.json): one check for every name.
+        check_name(name, "stage", where=where)
     for key, value in dotted.items():
         _set_dotted(stages, defaults, key, value, where)
     used = set()
@@ -240,5 +297,7 @@ def parse_pipeline(doc: Any, *, path: Path | None = None, overrides: dict[str, A
         raise DiffeatError(f"{where}: defaults {sorted(set(defaults) - used)} are options of no stage here")
     builtins = {"pipeline_dir": str(path.resolve().parent) if path else str(Path.cwd())}
     variables = collect(declared, plain, environ, builtins, where)
-    name = str(doc.get("name") or (path.stem if path else "pipeline"))
+    expanded_size(variables, f"{where}: vars")  # DIFFEAT_VAR_* values are YAML too
+    name = doc.get("name") or (path.stem if path else "pipeline")
+    check_name(name, "pipeline", where=where)
     return Pipeline(name, path, str(doc.get("description") or ""), variables, stages)

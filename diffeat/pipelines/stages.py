@@ -66,6 +66,7 @@ class StageKind:
     own_options: tuple[str, ...] = ()
     own_required: tuple[str, ...] = ()
     own_lists: tuple[str, ...] = ()
+    own_check: Callable[[dict, str], None] | None = None  # the checks of a kind without a record
 
     @property
     def options(self) -> tuple[str, ...]:
@@ -144,6 +145,8 @@ class StageKind:
     def check(self, args: dict, where: str) -> StageConfig | None:
         """The stage's options record built from ``args`` (its own checks run); None for kinds without one."""
         if self.config is None:
+            if self.own_check is not None:
+                self.own_check(args, where)
             return None
         try:
             return self.config.from_options(args, f"stage {where}")
@@ -244,11 +247,18 @@ def _run_report(args: dict, context: Context) -> dict:
                         **{k: v for k, v in args.items() if k not in ("probe", "cka")})
 
 
+def _check_report(args: dict, where: str) -> None:
+    from diffeat.pipelines.report import check_report_options
+
+    check_report_options(args, where)
+
+
 REPORT = StageKind(
     name="report",
     own_options=("probe", "cka", "out", "metric", "title"),
     own_required=("probe", "out"),
     own_lists=("probe", "cka"),
+    own_check=lambda args, where: _check_report(args, where),
     run=_run_report,
     present=lambda outputs, args: all(Path(p).is_file() for p in outputs.get("files", {}).values())
     and bool(outputs.get("files")),

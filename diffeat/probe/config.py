@@ -66,8 +66,10 @@ class ProbeConfig(StageConfig):
         from diffeat.runtime.cluster import check_cluster_options
         from diffeat.runtime.memory import memory_budget
 
-        self._set("store", str(self.store))
-        self._set("out", str(self.out))
+        from diffeat.store.location import check_location
+
+        self._set("store", check_location(self.store))
+        self._set("out", check_location(self.out, "--out"))
         for name, flag in (("blocks", "--block"), ("ts", "--t"), ("pools", "--pool")):
             self._set(name, as_ints(getattr(self, name), flag))
         self._set("heads", as_strs(self.heads))

@@ -20,6 +20,7 @@ Expiry uses wall-clock time: machines sharing a store need synchronised clocks (
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -117,21 +118,29 @@ class Claims:
     def try_claim(self, units: list[str], current: dict[str, Claim] | None = None) -> list[str]:
         """Claim every unit of ``units`` that is free or expired; return the ones this writer now holds."""
         current = self.current() if current is None else current
-        won = []
-        for unit in units:
-            c = current.get(unit)
-            if c is not None and c.owner == self.owner:
-                won.append(unit)
-                continue
-            if c is not None and not c.expired():
-                continue
-            gen = 0 if c is None else c.generation + 1
-            if self.objects.create(f"{self.prefix}/{unit}.{gen}", self._record(unit)):
-                if c is not None and c.owner:
-                    logger.info("took over unit %s of %s from %s (claim expired)", unit, self.prefix, c.describe())
-                with self._lock:
-                    self.held[unit] = gen
-                won.append(unit)
+        won, new = [], []
+        try:
+            for unit in units:
+                c = current.get(unit)
+                if c is not None and c.owner == self.owner:
+                    won.append(unit)
+                    continue
+                if c is not None and not c.expired():
+                    continue
+                gen = 0 if c is None else c.generation + 1
+                if self.objects.create(f"{self.prefix}/{unit}.{gen}", self._record(unit)):
+                    if c is not None and c.owner:
+                        logger.info("took over unit %s of %s from %s (claim expired)", unit, self.prefix,
+                                    c.describe())
+                    with self._lock:
+                        self.held[unit] = gen
+                    won.append(unit)
+                    new.append(unit)
+        except BaseException:
+            for unit in new:  # a failed create (a full disk) must not leave the claims won so far behind
+                with contextlib.suppress(Exception):
+                    self.release(unit)
+            raise
         return won
 
     def create_once(self, exists: Callable[[], bool], create: Callable[[], None], what: str) -> None:
@@ -158,10 +167,16 @@ class Claims:
         with self._lock:
             held = dict(self.held)
         for unit, gen in held.items():
-            if self.objects.create(f"{self.prefix}/{unit}.{gen + 1}", self._record(unit)):
+            key = f"{self.prefix}/{unit}.{gen + 1}"
+            if self.objects.create(key, self._record(unit)):
                 with self._lock:
-                    if unit in self.held:
+                    released = self.held.get(unit) != gen
+                    if not released:
                         self.held[unit] = gen + 1
+                if released:
+                    # The unit was released (or renewed) while this generation was being created:
+                    # release() only deleted up to the generation it knew, so this one is ours to remove.
+                    self.objects.delete(key)
             else:
                 logger.warning("lost the claim on unit %s of %s (another writer took it over)", unit, self.prefix)
                 with self._lock:

@@ -21,16 +21,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from dataclasses import dataclass
 
 from diffeat.errors import StoreError
+from diffeat.runtime.checks import check_name as _check_name
 
 #: Precisions a feature array may be stored in (``--store-dtype``).
 STORE_DTYPES = ("float16", "float32")
 
 STORE_FORMAT = 1
-_SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 # Chunking targets (see shared reference zarr_store.md §4.2): chunks always span the whole
 # (C, k, k) row; small arrays use ~2 MiB chunks; large ones shard along N.
@@ -41,17 +40,13 @@ SHARD_ABOVE_BYTES = 128 << 20
 
 
 def check_name(name: str, what: str) -> str:
-    """Return ``name`` if it is safe as one path component of the store, else raise.
+    """Return ``name`` if it is safe as one path component of the store, else raise a ``StoreError``.
 
     Names from users (dataset, split, model, import names) must never escape the
-    store root: no separators, no ``..``, no absolute paths, no hidden names.
+    store root: no separators, no ``..``, no absolute paths, no hidden names, no
+    overlong names (``diffeat.runtime.checks.check_name``, the one check of every name).
     """
-    if not isinstance(name, str) or not _SAFE.match(name) or ".." in name:
-        raise StoreError(
-            f"{what} name {name!r} is not allowed in a store: use letters, digits, '.', '_' and '-' "
-            "(starting with a letter or digit; no '/', '\\' or '..')"
-        )
-    return name
+    return _check_name(name, what, error=StoreError)
 
 
 def canonical_json(obj: object) -> str:

@@ -11,7 +11,37 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from diffeat.errors import StoreError
+from diffeat.runtime.checks import shown
+
 FILE_SCHEME = "file://"
+
+#: Longest location accepted (Linux PATH_MAX is 4096 bytes; an S3 key is at most 1024 bytes).
+LOCATION_MAX = 1024
+#: Longest component of a location (NAME_MAX of common filesystems, in bytes).
+COMPONENT_MAX = 255
+
+
+def check_location(location: str | Path | None, option: str = "--store") -> str:
+    """``location`` as a string if it can name a store or folder, else a one-line ``StoreError``.
+
+    Refused before anything is created: an empty value (which would mean the current
+    folder), control characters (a newline in a folder name), a location longer than
+    ``LOCATION_MAX`` characters or with a component over ``COMPONENT_MAX`` bytes (the
+    filesystem would refuse it half-way through a run).
+    """
+    text = "" if location is None else str(location)
+    if not text.strip():
+        raise StoreError(f"{option} is empty: give a path or fsspec URL")
+    if any(ord(ch) < 32 or ord(ch) == 127 for ch in text):
+        raise StoreError(f"{option} {shown(text)} contains a control character (a newline?)")
+    if len(text) > LOCATION_MAX:
+        raise StoreError(f"{option} {shown(text)} is {len(text)} characters long: at most {LOCATION_MAX}")
+    longest = max(text.split("://", 1)[-1].split("/"), key=lambda part: len(part.encode()))
+    if len(longest.encode()) > COMPONENT_MAX:
+        raise StoreError(f"{option} {shown(text)} has a component of {len(longest.encode())} bytes "
+                         f"({shown(longest, 24)}): at most {COMPONENT_MAX}")
+    return text
 
 
 def is_url(location: str | Path) -> bool:

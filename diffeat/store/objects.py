@@ -20,6 +20,7 @@ objects while a process runs.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import uuid
@@ -115,12 +116,33 @@ def reraise_remote(location: str, e: BaseException, *, writing: bool):
     raise err from e
 
 
+#: errno values that mean the disk (or the user's quota) is full.
+DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def disk_error(location: str, e: BaseException) -> StoreError | None:
+    """A one-line ``StoreError`` for a full disk or quota while writing ``location``, else None."""
+    if not isinstance(e, OSError) or e.errno not in DISK_FULL:
+        return None
+    where = f" ({e.filename})" if e.filename else ""
+    return StoreError(f"no space left writing feature store {location}{where}: {e.strerror}; free space (or raise "
+                      "the quota) and run the same command again: finished units are kept and it resumes")
+
+
 def _complete_temp_file(path: str, data: bytes) -> str:
-    """Write ``data`` to a fresh temp file beside ``path`` (``.tmp``: listings skip it); return its path."""
+    """Write ``data`` to a fresh temp file beside ``path`` (``.tmp``: listings skip it); return its path.
+
+    A failed write (a full disk) removes its temp file: nothing half-written is left behind.
+    """
     os.makedirs(os.path.dirname(path), exist_ok=True)
     tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(data)
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
     return tmp
 
 
@@ -199,7 +221,7 @@ class ObjectStore:
         path = self._path(key)
         try:
             if self._local is not None:
-                return Path(path).read_bytes()
+                return Path(path).read_bytes()  # a key deleted since it was listed: FileNotFoundError, None
             with self._remote(writing=False):
                 return self.fs.cat_file(path)
         except FileNotFoundError:
@@ -240,7 +262,11 @@ class ObjectStore:
                     if name.endswith(".tmp"):
                         continue  # a create or put in flight
                     full = os.path.join(dirpath, name)
-                    out[os.path.relpath(full, self._local).replace(os.sep, "/")] = os.path.getsize(full)
+                    try:
+                        size = os.path.getsize(full)
+                    except FileNotFoundError:
+                        continue  # deleted by another writer between the listing and the stat
+                    out[os.path.relpath(full, self._local).replace(os.sep, "/")] = size
             return out
         try:
             with self._remote(writing=False):

@@ -16,7 +16,7 @@ import zarr
 from diffeat.errors import StoreError
 from diffeat.runtime.checks import check_choice
 from diffeat.store.layout import STORE_FORMAT, check_name
-from diffeat.store.location import absolute, is_url, local_path
+from diffeat.store.location import absolute, check_location, is_url, local_path
 from diffeat.store.refs import ArrayRef
 from diffeat.store.streaming import aligned_rows, block_ranges
 from diffeat.store.streaming import prefetch as read_ahead
@@ -152,7 +152,7 @@ class FeatureStore:
     """
 
     def __init__(self, location: str | Path, *, mode: str = "r", storage_options: dict | None = None):
-        self.location = str(location)
+        self.location = check_location(location)
         self.mode = mode
         self.storage_options = storage_options
         read_only = mode == "r"
@@ -307,6 +307,41 @@ def _open_or_create_root(store) -> zarr.Group:
     return root
 
 
+def check_writable_location(location: str, storage_options: dict | None = None) -> None:
+    """Raise a one-line ``StoreError`` unless a store at ``location`` could be written, creating nothing.
+
+    An existing local store gets a write probe inside it (as ``FeatureStore.check_writable``);
+    a new local store, one in the nearest existing parent folder (a temp file, removed at once);
+    an object store, an object under ``_writetest/`` put and deleted (object stores have no folders).
+    """
+    from diffeat.store.objects import ObjectStore
+
+    location = check_location(location)
+    if is_url(location):
+        ObjectStore(location, storage_options).check_writable()
+        return
+    _check_local_writable(location)
+    path = local_path(location)
+    if path.exists():
+        if not path.is_dir():
+            raise StoreError(f"feature store {location} is a file, not a folder")
+        ObjectStore(location).check_writable()
+        return
+    existing = path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise StoreError(f"feature store {location} cannot be created: {existing} is a file, not a folder")
+    import tempfile
+
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".diffeat-writetest-"):
+            pass
+    except OSError as e:
+        raise StoreError(f"feature store {location} cannot be created in {existing} ({type(e).__name__}: "
+                         f"{e.strerror or e}): extract needs write access") from e
+
+
 def _check_local_writable(location: str) -> None:
     existing = local_path(location)
     while not existing.exists() and existing != existing.parent:
@@ -335,8 +370,6 @@ def as_store(store: str | Path | FeatureStore, *, mode: str = "r", storage_optio
         if mode == "a" and store.mode == "r":
             raise StoreError(f"store {store.location} is open read-only; this needs it opened with mode 'a'")
         return store
-    if not str(store).strip():
-        raise StoreError("--store is empty: give a path or fsspec URL for the feature store")
     return open_store(store, mode=mode, storage_options=storage_options)
 
 
