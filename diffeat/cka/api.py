@@ -29,6 +29,7 @@ from diffeat.cka.sources import (
     as_source,
     check_aligned,
     gather_rows,
+    leave_out_skipped,
     load,
     moments,
 )
@@ -168,6 +169,7 @@ def cka_matrix(a: Any, b: Any = None, *, kernel: str = "linear", estimator: str 
     if plan.in_memory:
         union = [load(s, plan.rows) for s in union]
     dtype = np.dtype(precision)
+    stats = None
     if refs is not None:
         from diffeat.cka import cluster
 
@@ -188,6 +190,10 @@ def cka_matrix(a: Any, b: Any = None, *, kernel: str = "linear", estimator: str 
         else:
             h = gram_route(union, stats, estimator, dtype, plan.tile, plan.cache_bytes)
     c = cka_from_hsic(h)
+    undefined = undefined_settings(h, stats)
+    for i in undefined:
+        c[i, :] = c[:, i] = np.nan
+        logger.warning("CKA with %s is undefined: %s", union[i].label, undefined[i])
     seconds = time.perf_counter() - start
     logger.info("CKA %d×%d (%s, %s, route %s, n=%d) in %.1f s", len(row_idx), len(col_idx), kernel, estimator,
                 plan.route, n_used, seconds)
@@ -202,7 +208,30 @@ def cka_matrix(a: Any, b: Any = None, *, kernel: str = "linear", estimator: str 
         plan_record["cluster"] = {**describe(client), "used": refs is not None}
     return CKAResult([union[i].label for i in row_idx], [union[i].label for i in col_idx],
                      c[np.ix_(row_idx, col_idx)], kernel, estimator, plan.route, n_used, seconds, plan_record,
-                     options, settings)
+                     options, settings, undefined={union[i].label: why for i, why in undefined.items()})
+
+
+#: A setting whose centred sum of squares is below this fraction of its raw sum of squares is constant
+#: (up to rounding: centring n equal float32 rows in float64 leaves about 1e-16 of them).
+CONSTANT_RELATIVE = 1e-10
+
+
+def undefined_settings(h: np.ndarray, stats: Sequence[Any] | None) -> dict[int, str]:
+    """``{setting index: reason}`` for settings CKA is undefined for (their Gram matrix is zero).
+
+    Constant features give a zero Gram matrix once centred; rounding leaves a tiny positive
+    self-HSIC, which would turn into a number that looks meaningful, so it is found from the
+    moments (when the route computed them) as well as from a self-HSIC that is not positive.
+    """
+    out: dict[int, str] = {}
+    for i, m in enumerate(stats or ()):
+        raw = m.total + m.n * float(np.square(m.mean).sum())
+        if m.total <= CONSTANT_RELATIVE * raw:
+            out[i] = "its features are constant over the samples (a zero Gram matrix)"
+    for i in range(len(h)):
+        if i not in out and not h[i, i] > 0:
+            out[i] = "its self-HSIC is not positive (degenerate features: a zero Gram matrix)"
+    return out
 
 
 def cka(x: Any, y: Any, **options: Any) -> CKAResult:
@@ -241,6 +270,8 @@ def run_cka(config: CkaConfig, *, store: FeatureStore | None = None) -> CKAResul
     fs = as_store(store if store is not None else c.store, mode="r", storage_options=c.storage_options)
     rows = open_specs(fs, c.dataset, c.split, c.rows(), c.model)
     cols = rows if c.cols() is None else open_specs(fs, c.dataset, c.split, c.cols(), c.model)
+    both = leave_out_skipped([*rows, *cols])  # the same rows of every setting, or the pairs would not align
+    rows, cols = both[:len(rows)], both[len(rows):]
     scheduler, workers = c.scheduler, c.workers
     if scheduler is not None or workers is not None:
         single = {"RBF CKA": c.kernel != "linear", "--route minibatch": c.route == "minibatch",

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from diffeat.cka.routes import feature_stats, features_route, gram_row_block
-from diffeat.cka.sources import ArraySource, LoadedSource
+from diffeat.cka.sources import ArraySource, KeptRows, LoadedSource
 from diffeat.errors import DiffeatError
 from diffeat.store.refs import ArrayRef, open_array, ref_of
 from diffeat.store.streaming import RunningMoments, merge_all, prefetch
@@ -43,7 +43,7 @@ WAIT_FOR_WORKERS = 60  # seconds to wait for a first worker of a scheduler that 
 
 def array_ref(source: ArraySource) -> ArrayRef | None:
     """Where a worker opens a source's array itself; None for data held in memory."""
-    if isinstance(source, LoadedSource):
+    if isinstance(source, (LoadedSource, KeptRows)):  # in memory, or some rows left out: computed here
         return None
     features = getattr(source, "features", None)
     if features is not None:  # a store setting: the store's own location and options
@@ -63,7 +63,8 @@ def cluster_refs(client: Any, sources: Sequence[ArraySource], kernel: str, route
     refs = [array_ref(s) for s in sources]
     missing = [s.label for s, r in zip(sources, refs) if r is None]
     if missing:
-        logger.warning("CKA runs in this process: %s %s in memory, not in a zarr store the dask workers can open",
+        logger.warning("CKA runs in this process: %s %s in memory (or has rows left out), not a zarr array "
+                       "the dask workers can open",
                        ", ".join(missing[:3]) + ("..." if len(missing) > 3 else ""),
                        "is" if len(missing) == 1 else "are")
         return None

@@ -29,6 +29,19 @@ PRECISIONS = ("float64", "float32")
 FLOPS = {"float64": 45e9, "float32": 90e9}
 READ_BYTES_PER_S = 0.5e9
 
+# Bytes held per feature value of a row block at the peak of each streaming pass (what the budget
+# pays for; measured with tracemalloc, tests/test_reliability.py). A block is read as float32 (4),
+# and while the caller works on it the read-ahead thread holds the next one (4) and decodes the one
+# after from the store's dtype (up to 2 + 4).
+READ_AHEAD = 4 + 4 + 2 + 4
+#: The moments pass: the block as float64 (8), x - mean (8) and its square (8), one setting at a time.
+MOMENTS_BYTES = READ_AHEAD + 24
+#: The feature route: every involved setting's block centred in float64 (8), one more float64 copy
+#: while centring (8), and a float32 copy of the centred block at float32 precision (4).
+FEATURE_BYTES = {"float64": READ_AHEAD + 16, "float32": READ_AHEAD + 20}
+#: The Gram route: centred row and column blocks (8 each) besides the read-ahead.
+GRAM_BYTES = READ_AHEAD + 16
+
 def pair_groups(pairs: Sequence[tuple[int, int]], dims: Sequence[int], budget: int) -> list[list[tuple[int, int]]]:
     """Split pairs into groups whose Dᵢ×Dⱼ float64 accumulators fit ``budget`` bytes (each group: one pass)."""
     groups: list[list[tuple[int, int]]] = []
@@ -92,8 +105,10 @@ def make_plan(*, n: int, dims: Sequence[int], itemsize: int, chunk_rows: int, ma
     data_bytes = float(dims_a.sum()) * n * itemsize
     in_memory = data_bytes <= 0.5 * budget and not streamed
     rest = budget - (data_bytes if in_memory else 0.0)
-    cbytes = 8  # centered blocks are float64 before any cast
     pairs = [(i, j) for i in range(count) for j in range(i, count) if mask[i, j]]
+    # Every pass streams row blocks of `rows` rows; the moments pass (one setting at a time) and the
+    # feature route (every setting at once) must both fit in what the route leaves of the budget.
+    moments_row = max(dims) * MOMENTS_BYTES
 
     if kernel == "rbf":
         if route not in ("auto", "gram"):
@@ -104,9 +119,14 @@ def make_plan(*, n: int, dims: Sequence[int], itemsize: int, chunk_rows: int, ma
     # Feature route: accumulators of the largest pair must fit, with room for the row blocks.
     acc_total = sum(dims[i] * dims[j] * 8 for i, j in pairs)
     acc_max = max(dims[i] * dims[j] * 8 for i, j in pairs)
-    rows_f = _round_rows(max(256, min(8192, 0.25 * rest / max(1.0, dims_a.sum() * (itemsize + 2 * cbytes)))),
-                         chunk_rows, n) if block_rows is None else min(block_rows, n)
-    block_f = rows_f * float(dims_a.sum()) * (itemsize + 2 * cbytes)
+    row_f = max(float(dims_a.sum()) * FEATURE_BYTES[precision], moments_row)
+    if block_rows is None:
+        # Half of what the accumulators leave (more rows change little once BLAS is busy; the rest is
+        # headroom for the accumulators of further pairs): 64 to 8192 rows, whole chunks when they fit.
+        rows_f = _round_rows(max(64, min(8192, 0.5 * max(0.0, rest - acc_max) / row_f)), chunk_rows, n)
+    else:
+        rows_f = min(block_rows, n)
+    block_f = rows_f * row_f
     acc_budget = max(acc_max, int(rest - block_f))
     feasible_f = acc_max + block_f <= rest
     passes_f = len(pair_groups(pairs, dims, acc_budget))
@@ -114,13 +134,13 @@ def make_plan(*, n: int, dims: Sequence[int], itemsize: int, chunk_rows: int, ma
     read_f = data_bytes * (1 if in_memory else 1 + passes_f)
     time_f = flops_f / FLOPS[precision] + read_f / READ_BYTES_PER_S
 
-    # Gram route: tile stack (L × t² float64) plus two row blocks of every setting, centered.
-    per_row = float(dims_a.sum()) * (itemsize + cbytes) * (1 if in_memory else 2)
+    # Gram route: tile stack (L × t² float64) plus centred row and column blocks of every setting.
+    per_row = max(float(dims_a.sum()) * GRAM_BYTES, moments_row)
     tile = 1024
-    while tile > 64 and count * tile * tile * 8 * 1.5 + 2 * tile * per_row > rest:
+    while tile > 64 and count * tile * tile * 8 * 1.5 + tile * per_row > rest:
         tile //= 2
     tile = _round_rows(tile, chunk_rows if not in_memory else 1, n) if block_rows is None else min(block_rows, n)
-    tile_bytes = count * tile * tile * 8 * 1.5 + 2 * tile * per_row
+    tile_bytes = count * tile * tile * 8 * 1.5 + tile * per_row
     feasible_g = tile_bytes <= rest
     cache_bytes = int(max(0.0, 0.8 * (rest - tile_bytes)))
     blocks_g = -(-n // tile)
@@ -153,11 +173,16 @@ def make_plan(*, n: int, dims: Sequence[int], itemsize: int, chunk_rows: int, ma
         if route == "gram" and not feasible_g:
             raise DiffeatError(f"--route gram does not fit the {fmt_bytes(budget)} budget with {tile}-row tiles: "
                                "raise --memory-budget or use --route minibatch")
+    if route != "features" and block_rows is None:
+        # Without D×D accumulators the moments pass (and the minibatch route's gathers) may use half
+        # of what is left: the Gram route's tiles come after it.
+        row = max(moments_row, float(dims_a.sum()) * READ_AHEAD)
+        rows = _round_rows(max(64, min(8192, 0.5 * rest / row)), chunk_rows, n)
     partition_rows = 0
     if route == "minibatch":
         if batch < 4:
             raise DiffeatError(f"--batch-size must be at least 4 for minibatch CKA, got {batch}")
-        per_batch = count * batch * batch * 8 * 2 + batch * float(dims_a.sum()) * cbytes
+        per_batch = count * batch * batch * 8 * 2 + batch * float(dims_a.sum()) * 8
         partition_rows = int(max(batch, (0.5 * budget - per_batch) // max(1.0, float(dims_a.sum()) * itemsize)))
     logger.info("CKA plan: %s (%s); features %s", route, reason, "in memory" if in_memory else "streamed")
     estimate = {"features": time_f, "gram": time_g}.get(route, 0.0)

@@ -25,6 +25,7 @@ class CKAResult:
     settings: list[dict] = field(default_factory=list)  # one per distinct setting (rows first)
     config: dict = field(default_factory=dict)  # filled by callers that resolve settings (store, dataset ...)
     files: dict[str, str] = field(default_factory=dict)  # what was written (csv, npy, png, json), when asked
+    undefined: dict[str, str] = field(default_factory=dict)  # label -> why CKA with it is undefined (NaN, null)
 
     @property
     def value(self) -> float:
@@ -40,8 +41,11 @@ class CKAResult:
 
     def pair_json(self) -> dict:
         """``{"cka": value, "estimator": ..., "n": ...}`` (plus kernel, route and the two labels)."""
-        return {"cka": _finite(self.value), "estimator": self.estimator, "n": self.n, "kernel": self.kernel,
-                "route": self.route, "a": self.row_labels[0], "b": self.col_labels[0]}
+        out = {"cka": _finite(self.value), "estimator": self.estimator, "n": self.n, "kernel": self.kernel,
+               "route": self.route, "a": self.row_labels[0], "b": self.col_labels[0]}
+        if self.undefined:
+            out["undefined"] = self.undefined
+        return out
 
     def matrix_json(self) -> dict:
         """``{"labels": [...], "matrix": [[...]], "estimator": ...}`` (``col_labels`` too when not square)."""
@@ -50,6 +54,8 @@ class CKAResult:
             out["col_labels"] = self.col_labels
         out.update(matrix=[[_finite(v) for v in row] for row in self.matrix], estimator=self.estimator,
                    kernel=self.kernel, route=self.route, n=self.n)
+        if self.undefined:
+            out["undefined"] = self.undefined
         return out
 
     def record(self) -> dict:

@@ -59,7 +59,13 @@ class ArraySource:
         return np.ascontiguousarray(block.reshape(hi - lo, self.dim), dtype=self.dtype)
 
     def block_ranges(self, rows: int) -> list[tuple[int, int]]:
-        """``(lo, hi)`` of contiguous row blocks of about ``rows`` rows, rounded up to whole stored chunks."""
+        """``(lo, hi)`` of contiguous row blocks of about ``rows`` rows, rounded up to whole stored chunks.
+
+        Blocks smaller than a chunk (a memory budget too small for one) are not rounded up: the
+        budget holds, at the price of decoding a chunk once per block that touches it.
+        """
+        if rows < self.chunk_rows:
+            return [(lo, min(self.n, lo + rows)) for lo in range(0, self.n, max(1, rows))]
         return block_ranges(self.n, self.chunk_rows, rows)
 
     def iter_blocks(self, rows: int) -> Iterator[tuple[int, np.ndarray]]:
@@ -76,13 +82,66 @@ class FeatureSetSource(ArraySource):
         meta = {"label": info.label(), "path": info.path, "model": info.model, "block": info.block, "t": info.t,
                 "pool": info.pool, "name": info.name, "shape": list(info.shape), "dtype": info.dtype,
                 "settings_hash": info.settings_hash}
-        super().__init__(features.array, label=info.label(), ids=features.ids, chunk_rows=features.chunk_rows,
-                         meta=meta)
+        # Aligned to the inner chunks of a sharded array (256 KiB): a shard (64 MiB) is read in parts,
+        # so row blocks need not be whole shards, which a small memory budget could not hold.
+        super().__init__(features.array, label=info.label(), ids=features.ids,
+                         chunk_rows=int(features.array.chunks[0]), meta=meta)
         self.features = features
 
     def read(self, lo: int, hi: int) -> np.ndarray:
         """Rows ``[lo, hi)`` through the store's reader, as a C-contiguous (hi-lo, D) float array."""
         return self.features.read(lo, hi, self.dtype).reshape(hi - lo, self.dim)
+
+
+class KeptRows(ArraySource):
+    """A source seen through a subset of its rows, in order (rows of undecodable images left out).
+
+    A read of ``[lo, hi)`` reads the contiguous stretch of the source that holds those kept
+    rows (they are nearly contiguous: only a few rows are ever skipped) and drops the others.
+    """
+
+    def __init__(self, source: ArraySource, kept: np.ndarray):
+        self.origin = source
+        self.kept = np.asarray(kept, dtype=np.int64)
+        self.array = source.array
+        self.label = source.label
+        self.n = len(self.kept)
+        self.dim = source.dim
+        self.shape = (self.n, *source.shape[1:])
+        self.ids = None if source.ids is None else source.ids[self.kept]
+        self.chunk_rows = source.chunk_rows
+        self.dtype = source.dtype
+        self.meta = source.meta
+
+    def read(self, lo: int, hi: int) -> np.ndarray:
+        """Kept rows ``[lo, hi)`` as a C-contiguous (hi-lo, D) float array."""
+        rows = self.kept[lo:hi]
+        if not len(rows):
+            return np.empty((0, self.dim), dtype=self.dtype)
+        first = int(rows[0])
+        block = self.origin.read(first, int(rows[-1]) + 1)
+        return block if len(block) == len(rows) else np.ascontiguousarray(block[rows - first])
+
+
+def leave_out_skipped(sources: Sequence[ArraySource]) -> list[ArraySource]:
+    """The sources without the rows any store setting among them skipped (images that could not be decoded).
+
+    Every source loses the same rows, so they stay aligned; a warning counts them.
+    """
+    skipped = [s.features.skipped for s in sources if isinstance(s, FeatureSetSource)]
+    drop = np.unique(np.concatenate(skipped)) if skipped else np.zeros(0, np.int64)
+    if not len(drop):
+        return list(sources)
+    logger.warning("CKA: leaving out %d rows whose images could not be decoded at extraction (ids: %s%s)",
+                   len(drop), ", ".join(map(str, sources[0].ids[drop[:5]])) if sources[0].ids is not None else "",
+                   " ..." if len(drop) > 5 else "")
+    out: list[ArraySource] = []
+    wrapped: dict[int, ArraySource] = {}
+    for s in sources:  # one wrapper per source object, so a setting on both axes stays one setting
+        if id(s) not in wrapped:
+            wrapped[id(s)] = KeptRows(s, np.setdiff1d(np.arange(s.n, dtype=np.int64), drop))
+        out.append(wrapped[id(s)])
+    return out
 
 
 class LoadedSource(ArraySource):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import click
 
 from diffeat.cli.options import (
@@ -81,7 +83,8 @@ def cka(as_json, **options):
         echo_json({**doc, "files": result.files} if result.files else doc)
         return
     if pair:
-        click.echo(f"CKA({result.row_labels[0]}, {result.col_labels[0]}) = {result.value:.4f}  "
+        value = f"{result.value:.4f}" if math.isfinite(result.value) else "n/a"
+        click.echo(f"CKA({result.row_labels[0]}, {result.col_labels[0]}) = {value}  "
                    f"[{result.kernel}, {result.estimator}, n={result.n}, route {result.route}, "
                    f"{result.seconds:.1f} s]")
     else:
@@ -100,4 +103,7 @@ def _print_matrix(result) -> None:
     width = max(8, *(len(c) for c in result.col_labels))
     click.echo(" " * 14 + "".join(f"{c:>{width + 1}s}" for c in result.col_labels))
     for label, row in zip(result.row_labels, m):
-        click.echo(f"{label:14s}" + "".join(f"{v:>{width + 1}.4f}" for v in row))
+        click.echo(f"{label:14s}" + "".join(f"{v:>{width + 1}.4f}" if math.isfinite(v) else f"{'n/a':>{width + 1}s}"
+                                            for v in row))
+    for label, why in result.undefined.items():
+        click.echo(f"n/a: CKA with {label} is undefined: {why}")

@@ -52,6 +52,9 @@ from diffeat.cli.options import (
               "(default: on CUDA only; compiling takes a minute once per run).")
 @click.option("--progress/--no-progress", default=None, help="A progress bar (default: on a terminal; log lines "
               "otherwise).")
+@click.option("--on-bad-image", type=click.Choice(["fail", "skip"]), default="fail", show_default=True,
+              help="An image that cannot be decoded: fail (one line naming the file; finished units are kept) "
+              "or skip (its row is stored as NaN, its id and reason recorded; probe and CKA leave it out).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 def extract(as_json, **options):
     """Extract pooled block features of a dataset into a feature store.
@@ -76,6 +79,10 @@ def extract(as_json, **options):
     for s in report.settings:
         click.echo(f"{s.outcome:10s} {s.split:8s} block {s.block:>2} t {s.t:>3} pool {s.pool}  "
                    f"{'x'.join(map(str, s.shape)):>18}  {s.path}")
+    if report.skipped:
+        ids = ", ".join(s["id"] for s in report.skipped[:5]) + (" ..." if len(report.skipped) > 5 else "")
+        click.echo(f"{len(report.skipped)} images could not be decoded and were skipped (NaN rows, recorded in "
+                   f"the settings): {ids}")
     if report.images:
         click.echo(f"{report.images} images in {report.seconds:.1f} s ({report.images_per_second:.1f} img/s)")
     else:

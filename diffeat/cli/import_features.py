@@ -31,14 +31,18 @@ def import_features(source, store, storage_options, dataset, split, name, model,
     Example:
       diffeat import --store feats.zarr --dataset cub --split test --name resnet50 features.npy
     """
+    from diffeat.runtime.checks import check_name
     from diffeat.store import open_store
     from diffeat.store.imports import import_features as run_import
 
+    for value, what in ((name, "import"), (model, "model"), (dataset, "dataset"), (split, "split")):
+        check_name(value, what)  # before anything is opened or created
     array, described = _open_source(source)
     ids = None
     if ids_file:
         with open(ids_file) as f:
             ids = [line.strip() for line in f if line.strip()]
+    open_store(store, mode="r", storage_options=storage_options)  # an import never creates a store
     fs = open_store(store, mode="a", storage_options=storage_options)
     result = run_import(fs, dataset, split, name, array, attrs=described, ids=ids, model=model,
                         store_dtype=store_dtype, overwrite=overwrite)
@@ -66,13 +70,14 @@ def _open_source(source: str):
             raise DiffeatError(f"SOURCE {source} does not exist")
         try:
             array = np.load(source, mmap_mode="r", allow_pickle=False)
-        except ValueError as e:
-            raise DiffeatError(f"SOURCE {source} is not a plain .npy array: {e}") from e
+        except (ValueError, OSError, EOFError) as e:
+            raise DiffeatError(f"SOURCE {source} is not a plain .npy array: {str(e).splitlines()[0]}") from None
         return array, {"source": os.path.abspath(source), "format": "npy", "dtype": str(array.dtype)}
     import zarr
 
     try:
         array = zarr.open_array(source, mode="r")
-    except Exception as e:
-        raise DiffeatError(f"SOURCE {source} is neither a .npy file nor a zarr array ({type(e).__name__}: {e})") from e
+    except Exception as e:  # noqa: BLE001 - zarr raises many kinds for "not an array here"
+        raise DiffeatError(f"SOURCE {source} is neither a .npy file nor a zarr array ({type(e).__name__}: "
+                           f"{str(e).splitlines()[0] if str(e) else ''})") from None
     return array, {"source": source, "format": "zarr", "dtype": str(array.dtype)}

@@ -23,10 +23,11 @@ def verify(store, storage_options, settings, repair, as_json):
     Exits with status 1 when anything is damaged or inconsistent. Damaged units are
     recomputed by `diffeat verify --repair` followed by the same `diffeat extract`.
     """
-    from diffeat.store import open_store
+    from diffeat.store.reader import FeatureStore
     from diffeat.store.verify import verify as run_verify
 
-    fs = open_store(store, mode="a" if repair else "r", storage_options=storage_options)
+    # damaged_ok: a store whose root metadata is damaged is still verified (and repaired).
+    fs = FeatureStore(store, mode="a" if repair else "r", storage_options=storage_options, damaged_ok=True)
     report = run_verify(fs, settings=list(settings) or None, repair=repair)
     if as_json:
         echo_json(report.as_dict())
@@ -38,10 +39,12 @@ def verify(store, storage_options, settings, repair, as_json):
                 click.echo(f"         unit {d.unit} (rows {d.rows[0]}-{d.rows[1] - 1}): {d.problem}")
             for p in s.problems:
                 click.echo(f"         {p}")
-        n_bad = sum(not s.ok for s in report.settings)
+        for o in report.objects:
+            click.echo(f"{'PROBLEM':8s} {o.path}: {o.problem}" + (" (repaired)" if o.repaired else ""))
+        n_bad = sum(not s.ok for s in report.settings) + len(report.objects)
         mb = sum(s.bytes_read for s in report.settings) / 2**20
-        click.echo(f"{len(report.settings)} settings checked, {n_bad} with problems, {mb:.1f} MiB read in "
-                   f"{report.seconds:.1f} s" + ("; repaired: run the same `diffeat extract` again" if repair and
-                                                 n_bad else ""))
+        click.echo(f"{len(report.settings)} settings and {report.objects_checked} objects checked, {n_bad} with "
+                   f"problems, {mb:.1f} MiB read in {report.seconds:.1f} s"
+                   + ("; repaired: run the same `diffeat extract` again" if repair and n_bad else ""))
     if not report.ok:
         sys.exit(1)

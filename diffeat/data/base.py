@@ -83,11 +83,16 @@ class DatasetLayout:
             raise DatasetError(f"dataset root {root} does not exist. {self.expected()}")
         if not root.is_dir():
             raise DatasetError(f"dataset root {root} is not a directory. {self.expected()}")
-        for candidate in (root, *(root / w for w in self.wrappers)):
+        candidates = [root, *(root / w for w in self.wrappers)]
+        for candidate in candidates:
             if all((candidate / f).exists() for f in self.required):
                 return candidate
-        missing = [f for f in self.required if not (root / f).exists()]
-        raise DatasetError(f"{self.name} root {root} is missing {', '.join(missing)}. {self.expected()}")
+        # Name what is missing where the dataset most likely is: the candidate holding the most of
+        # its files (a root pointing at the parent of CUB_200_2011 with one file missing inside names
+        # that one file, not all five).
+        best = max(candidates, key=lambda c: sum((c / f).exists() for f in self.required))
+        missing = [f for f in self.required if not (best / f).exists()]
+        raise DatasetError(f"{self.name} root {best} is missing {', '.join(missing)}. {self.expected()}")
 
     def _table(self, split: str, ids: list[str], relpaths: list[str], labels: list[int],
                class_names: list[str] | tuple[str, ...]) -> SampleTable:

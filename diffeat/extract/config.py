@@ -12,13 +12,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from diffeat.errors import DiffeatError
+from diffeat.errors import DatasetError, DiffeatError
 from diffeat.runtime.checks import check_at_least, check_choice
 from diffeat.runtime.stageconfig import StageConfig, as_ints, as_strs
 from diffeat.store.layout import STORE_DTYPES
 
 #: Compute precisions of the forward (``--dtype``).
 COMPUTE_DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+#: What an image that cannot be decoded does (``--on-bad-image``): end the run with one line naming
+#: the file (finished units are kept), or store its row as NaN, recorded with its id and reason.
+BAD_IMAGE_POLICIES = ("fail", "skip")
 
 #: Largest input resolution (``--resolution``): 8x ADM-512's; a 100,000 px input overflowed torch's
 #: size computation with a traceback.
@@ -56,6 +60,9 @@ class ExtractConfig(StageConfig):
     wait: bool = True
     compile: bool | None = None
     progress: bool | None = None
+    # Not part of a setting's identity: a good image gives the same row either way; skipped rows
+    # are NaN and listed (ids, reasons) in the setting's attributes.
+    on_bad_image: str = "fail"
 
     def __post_init__(self) -> None:
         from diffeat.models.noise import check_timestep
@@ -65,7 +72,7 @@ class ExtractConfig(StageConfig):
         from diffeat.data.registry import DATASETS
 
         self._set("store", check_location(self.store))
-        check_choice(self.dataset, DATASETS, "--dataset")
+        check_choice(self.dataset, DATASETS, "--dataset", error=DatasetError)
         for name in ("root", "classes"):
             value = getattr(self, name)
             self._set(name, None if value is None else str(value))
@@ -84,6 +91,7 @@ class ExtractConfig(StageConfig):
                 raise DiffeatError(f"--pool {k} is invalid: pool sizes are integers >= 1 (the paper uses 1, 2, 4, 8)")
         self._set("batch_size", check_batch_size(self.batch_size))
         check_choice(self.dtype, COMPUTE_DTYPE_NAMES, "--dtype")
+        check_choice(self.on_bad_image, BAD_IMAGE_POLICIES, "--on-bad-image")
         check_choice(self.store_dtype, STORE_DTYPES, "--store-dtype")
         check_at_least(self.noise_draws, 1, "--noise-draws", what="an integer")
         for name, low in (("limit", 1), ("resolution", 1), ("num_workers", 0)):

@@ -115,7 +115,7 @@ def cluster_task(job: SplitJob, lo: int, hi: int) -> dict:
     report = ExtractReport(model=job.config.model, dataset=job.config.dataset, store=job.config.store)
     before = {s.key: work.writers[s.key].written for s in job.settings}
     units = run_task(work, lo, hi, report)
-    return {"units": units, "images": report.images, "forwards": report.forwards,
+    return {"units": units, "images": report.images, "forwards": report.forwards, "skipped": report.skipped,
             "written": {work.writers[k].path: work.writers[k].written - n for k, n in before.items()},
             "worker": f"{platform.node()}:{os.getpid()}", "model_loaded": loaded}
 
@@ -137,6 +137,7 @@ def run_on_cluster(client: Client, job: SplitJob, tasks: list[tuple[int, int]], 
             r = future.result()  # re-raises a worker's error here
             report.images += r["images"]
             report.forwards += r["forwards"]
+            report.skipped += r["skipped"]
             workers.add(r["worker"])
             report.model_loads[r["worker"]] = report.model_loads.get(r["worker"], 0) + r["model_loaded"]
             for path, n in r["written"].items():

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 from diffeat.errors import DiffeatError
 from diffeat.extract.config import COMPUTE_DTYPE_NAMES
-from diffeat.extract.loader import NoisedImages, make_loader
+from diffeat.extract.loader import NoisedImages, bad_images, make_loader
 from diffeat.models.truncated import TruncatedUNet, feature_forward
 from diffeat.runtime.progress import Progress
 from diffeat.store.writer import BackgroundWriter
@@ -270,11 +270,11 @@ def run_forward(work: SplitWork, rows: np.ndarray, writers: dict[tuple[int, int,
     pending: tuple | None = None  # the previous batch, its features still on their way to host memory
 
     def flush(item: tuple) -> None:
-        batch_rows, host, event = item
+        batch_rows, skipped, host, event = item
         if event is not None:
             event.synchronize()
         for key, values in host.items():
-            writer.put(writers[key], batch_rows, values.numpy())
+            writer.put(writers[key], batch_rows, values.numpy(), skipped)
         report.images += len(batch_rows)
         bar.update(len(batch_rows))
         stats.marks.append((stats.images + len(batch_rows), time.perf_counter()))
@@ -283,6 +283,14 @@ def run_forward(work: SplitWork, rows: np.ndarray, writers: dict[tuple[int, int,
         with torch.inference_mode():
             for batch_rows, xs in loader:
                 batch_rows = batch_rows.numpy()
+                skipped = None
+                if (batch_rows < 0).any():  # images that could not be decoded (NoisedImages' marker)
+                    bad = batch_rows < 0
+                    batch_rows = np.where(bad, -1 - batch_rows, batch_rows)
+                    skipped = bad_images(tab, batch_rows[bad], c.on_bad_image)
+                    for row, record in skipped.items():
+                        logger.warning("skipped %s (row %d): %s", record["id"], row, record["reason"])
+                        report.skipped.append({"split": tab.split, "row": row, **record})
                 xs = xs.to(dev, non_blocking=True)
                 results: dict[tuple[int, int, int], torch.Tensor] = {}
                 for ti, t in enumerate(ts):
@@ -296,7 +304,7 @@ def run_forward(work: SplitWork, rows: np.ndarray, writers: dict[tuple[int, int,
                     for (b, k), v in sums.items():
                         if (b, t, k) in writers:
                             results[(b, t, k)] = v / draws
-                item = (batch_rows, *_to_host(results, cuda))
+                item = (batch_rows, skipped, *_to_host(results, cuda))
                 if pending is not None:
                     flush(pending)
                 pending = item

@@ -37,6 +37,7 @@ class ExtractReport:
     workers: list[str] = field(default_factory=list)  # host:pid of cluster workers that ran tasks
     model_loads: dict[str, int] = field(default_factory=dict)  # cluster worker host:pid -> models it loaded
     config: dict = field(default_factory=dict)  # the ExtractConfig, as run
+    skipped: list[dict] = field(default_factory=list)  # images that could not be decoded: split, row, id, reason
 
     @property
     def images_per_second(self) -> float:
@@ -48,4 +49,4 @@ class ExtractReport:
         return {"model": self.model, "dataset": self.dataset, "store": self.store, "images": self.images,
                 "forwards": self.forwards, "seconds": round(self.seconds, 3), "workers": self.workers,
                 "model_loads": self.model_loads, "settings": [s.as_dict() for s in self.settings],
-                "config": self.config}
+                "skipped": self.skipped, "config": self.config}

@@ -37,9 +37,9 @@ def heatmap(matrix: np.ndarray, row_labels: Sequence[str], col_labels: Sequence[
     """Draw ``matrix`` (rows × cols) as a heatmap and save it to ``path`` (format from the suffix).
 
     ``vmin``/``vmax`` fix the color scale (CKA: 0 and 1, so figures are comparable);
-    NaN cells are drawn grey. ``mark`` outlines cells: ``"max"``, ``"min"``, ``(row, col)`` or a
-    list of cells (e.g. the best accuracy). ``annotate`` writes values in the cells (default:
-    when the matrix is at most 16×16). Returns the path written.
+    NaN cells are drawn grey (and say "n/a" when annotated). ``mark`` outlines cells: ``"max"``,
+    ``"min"``, ``(row, col)`` or a list of cells (e.g. the best accuracy). ``annotate`` writes values
+    in the cells (default: when the matrix is at most 16×16). Returns the path written.
     """
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -82,6 +82,8 @@ def heatmap(matrix: np.ndarray, row_labels: Sequence[str], col_labels: Sequence[
                     # magma is dark at the low end: light text there, dark text on the bright end.
                     ax.text(c, r, fmt.format(m[r, c]), ha="center", va="center", fontsize=fontsize - 1,
                             color="white" if m[r, c] < mid else "black")
+                else:  # undefined (CKA of constant features) or missing: said, not left to the colour
+                    ax.text(c, r, "n/a", ha="center", va="center", fontsize=fontsize - 1, color="black")
     for r, c in _marked_cells(m, mark):
         ax.add_patch(Rectangle((c - 0.5, r - 0.5), 1, 1, fill=False, edgecolor="cyan", linewidth=2))
     path = Path(path)

@@ -16,7 +16,7 @@ differ (the streamed one shuffles blocks, then rows within the buffer).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -145,8 +145,9 @@ class StreamedRows(RowSource):
     """
 
     def __init__(self, array: zarr.Array, labels: np.ndarray, chunk_rows: int, block_rows: int = 4096,
-                 buffer_rows: int = 65536):
+                 buffer_rows: int = 65536, read: Callable[..., np.ndarray] | None = None):
         self.array = array
+        self.read = read  # FeatureSet.read: checked reads (damaged chunks, lost rows) of a store setting
         self.labels = np.asarray(labels, dtype=np.int64)
         self.feature_shape = tuple(array.shape[1:])
         self.in_memory = False
@@ -154,6 +155,8 @@ class StreamedRows(RowSource):
         self.buffer_rows = max(buffer_rows, aligned_rows(block_rows, chunk_rows))
 
     def _read(self, lo: int, hi: int) -> np.ndarray:
+        if self.read is not None:
+            return self.read(lo, hi, np.float32)
         return np.asarray(self.array[lo:hi], dtype=np.float32)
 
     def _selected(self, rows: np.ndarray, order: list[int]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -221,13 +224,14 @@ def make_source(features: FeatureSet, budget: int, device: torch.device, *, bloc
             where = device if nbytes * 1.25 < free else where
         logger.info("loading %s (%s, %.1f MiB) into %s", features.info.path, features.info.split,
                     nbytes / 2**20, where)
-        return InMemoryRows(features.array[:], features.labels, where)
+        return InMemoryRows(features.load(features.array.dtype), features.labels, where)
     row_bytes = 4 * int(np.prod(features.array.shape[1:]))
     if buffer_rows is None:
         buffer_rows = max(block_rows, budget // 4 // max(1, row_bytes))
     logger.info("streaming %s (%s, %.1f MiB > budget %.1f MiB), shuffle buffer %d rows", features.info.path,
                 features.info.split, nbytes / 2**20, budget / 2**20, buffer_rows)
-    return StreamedRows(features.array, features.labels, features.chunk_rows, block_rows, buffer_rows)
+    return StreamedRows(features.array, features.labels, features.chunk_rows, block_rows, buffer_rows,
+                        read=features.read)
 
 
 def moments(source: RowSource, fit_rows: np.ndarray, val_rows: np.ndarray | None = None

@@ -66,6 +66,24 @@ def knn_topk(bank: RowSource, bank_rows: np.ndarray, query: RowSource, query_row
     return np.concatenate(all_labels), np.concatenate(all_preds)
 
 
+#: L-BFGS pairs scipy keeps (``maxcor``, scikit-learn's default 10): each pair is two parameter vectors.
+LBFGS_HISTORY = 10
+
+
+def logistic_bytes(n: int, dim: int, num_classes: int) -> int:
+    """Memory :func:`logistic` needs for ``n`` training rows of ``dim`` features and ``num_classes`` classes.
+
+    Data: the fit and validation rows, then all rows for the refit, as standardised float32
+    matrices, plus one concatenation in flight (3 × n × dim × 4 bytes). Solver: L-BFGS keeps
+    ``2 × LBFGS_HISTORY`` float64 vectors of the K × (D + 1) parameters, and the loss needs a
+    few more (the parameters, the gradient and its temporaries): a million features and 100
+    classes alone take 19 GiB.
+    """
+    data = 3 * n * dim * 4
+    solver = (2 * LBFGS_HISTORY + 4) * max(2, num_classes) * (dim + 1) * 8
+    return data + solver
+
+
 def _load(source: RowSource, rows: np.ndarray, standardize: nn.Module) -> np.ndarray:
     """Rows of ``source`` as one standardised, flattened float32 matrix."""
     parts = []

@@ -50,7 +50,7 @@ from diffeat.probe.results import (
 from diffeat.probe.train import metrics, predict
 from diffeat.runtime.cluster import cluster_client
 from diffeat.runtime.devices import resolve_device
-from diffeat.runtime.memory import memory_budget
+from diffeat.runtime.memory import fmt_bytes, memory_budget
 from diffeat.store import FeatureSet, FeatureStore, as_store
 from diffeat.store.reader import store_option
 
@@ -128,11 +128,13 @@ def run_probe(config: ProbeConfig, *, store: FeatureStore | None = None) -> Prob
             if spec.kind == "trained":
                 with torch.device("meta"):  # validates options and shapes without allocating
                     build_head(spec.name, shape, len(tr.class_names), **c.head_options.get(spec.name, {}))
-            if spec.name == "logistic" and 2 * 4 * tr.nbytes // tr.array.dtype.itemsize > budget:
+            need = reference.logistic_bytes(len(tr), int(np.prod(shape)), len(tr.class_names))
+            if spec.name == "logistic" and need > budget:
                 raise DiffeatError(
-                    f"logistic needs {tr.info.split} of {tr.info.label()} in memory as float32 "
-                    f"({8 * tr.nbytes // tr.array.dtype.itemsize / 2**30:.1f} GiB with its standardised copy) but "
-                    f"--memory-budget is {budget / 2**30:.1f} GiB: raise it, or use --head linear (streams)")
+                    f"logistic needs about {fmt_bytes(need)} for {tr.info.split} of {tr.info.label()} ({len(tr)} x "
+                    f"{int(np.prod(shape))} features in memory as float32, and L-BFGS's float64 history of "
+                    f"{len(tr.class_names)} x {int(np.prod(shape))} parameters) but --memory-budget is "
+                    f"{fmt_bytes(budget)}: raise it, or use --head linear (streams)")
     run_dir = new_run_dir(c.out, "probe")
     record = {
         **c.as_dict(), "store": fs.location, "device": str(dev), "memory_budget": budget,
@@ -172,9 +174,15 @@ def _probe_setting(train_fs: FeatureSet, test_fs: FeatureSet, o: ProbeRun) -> li
     train_src = make_source(train_fs, o.budget, o.device)
     left = o.budget - (train_fs.nbytes if train_src.in_memory else 0)
     test_src = make_source(test_fs, max(0, left), o.device)
-    fit_rows, val_rows = stratified_split(train_src.labels, o.config.val_fraction, o.config.seed)
-    all_rows = np.arange(len(train_src), dtype=np.int64)
-    test_rows = np.arange(len(test_src), dtype=np.int64)
+    # Rows whose image could not be decoded at extraction (--on-bad-image skip) are left out, all of them.
+    all_rows, test_rows = train_fs.kept_rows(), test_fs.kept_rows()
+    left_out = len(train_fs.skipped) + len(test_fs.skipped)
+    if left_out:
+        logger.warning("%s: leaving out %d rows whose images could not be decoded at extraction (%d train, %d test; "
+                       "ids in the setting's attributes)", info.label(), left_out, len(train_fs.skipped),
+                       len(test_fs.skipped))
+    fit_i, val_i = stratified_split(train_src.labels[all_rows], o.config.val_fraction, o.config.seed)
+    fit_rows, val_rows = all_rows[fit_i], all_rows[val_i]
     if o.client is not None and not train_src.in_memory:
         from diffeat.probe.cluster import cluster_moments
 

@@ -107,32 +107,44 @@ def _rows(array: Any, order: np.ndarray | None, lo: int, hi: int) -> np.ndarray:
 
 def import_features(store: FeatureStore, dataset: str, split: str, name: str, array: Any, *,
                     attrs: dict | None = None, ids: Sequence[str] | None = None, model: str = DEFAULT_MODEL,
-                    store_dtype: str = "float16", overwrite: bool = False) -> ImportResult:
+                    store_dtype: str = "float16", overwrite: bool = False, chunk_rows: int | None = None
+                    ) -> ImportResult:
     """Write ``array`` ((N, D) or (N, C, k, k), NumPy/memmap/zarr) into ``store`` as import ``name``.
 
     ``ids``: the sample id of each source row (checked against the sample table and used to
     put rows in table order); without it N must equal the table's N. ``attrs``: provenance
-    to record (source file, model description ...). The store must be open with ``mode="a"``.
+    to record (source file, model description ...). ``chunk_rows``: rows per stored chunk (a power
+    of two; default ~2 MiB chunks, as extract). The store must be open with ``mode="a"``.
     """
     check_name(name, "import")
     check_name(model, "model")
     if store.mode != "a":
         raise StoreError(f"{store.location} is open read-only; importing needs mode='a'")
     check_choice(store_dtype, STORE_DTYPES, "--store-dtype")
+    source = str((attrs or {}).get("source") or "the array")
     shape = tuple(int(v) for v in array.shape)
-    if len(shape) not in (2, 4) or not np.issubdtype(np.dtype(array.dtype), np.number):
-        raise StoreError(f"features to import must be a numeric (N, D) or (N, C, k, k) array, got shape {shape} "
-                         f"dtype {array.dtype}")
+    dtype = np.dtype(array.dtype)
+    kind = "real numbers" if dtype.kind in "fiu" else f"{dtype} values"
+    if len(shape) not in (2, 4) or dtype.kind not in "fiu":
+        raise StoreError(f"{source}: features to import are an (N, D) or (N, C, k, k) array of real numbers, not "
+                         f"shape {shape} of {kind}")
+    if shape[0] == 0 or 0 in shape[1:]:
+        raise StoreError(f"{source}: shape {shape} holds no features (every dimension must be at least 1)")
     manifest, table_ids = table_manifest(store, dataset, split)
-    order = _order(table_ids, ids, shape[0], f"the array ({shape})")
+    order = _order(table_ids, ids, shape[0], f"{source} ({shape})")
     out_shape = (len(table_ids),) + shape[1:]
     row_bytes = int(np.prod(out_shape[1:])) * np.dtype(store_dtype).itemsize
-    plan = plan_chunks(out_shape[0], row_bytes)
+    plan = plan_chunks(out_shape[0], row_bytes, chunk_rows)
 
-    # Identity: the content as it will be stored, in table order.
+    # Identity: the content as it will be stored, in table order. The same pass checks every value,
+    # so nothing is created in the store for an array that cannot be stored.
     digest = hashlib.sha256()
     for u in range(plan.n_units):
-        digest.update(np.ascontiguousarray(_rows(array, order, *plan.unit_range(u)), dtype=store_dtype).tobytes())
+        lo, hi = plan.unit_range(u)
+        with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported by _check_finite
+            block = np.ascontiguousarray(_rows(array, order, lo, hi), dtype=store_dtype)
+        _check_finite(block, lo, source, store_dtype)
+        digest.update(block.tobytes())
     settings = {"import": name, "model": model, "dataset": {"name": dataset, "split": split,
                                                               "manifest_sha256": manifest},
                 "shape": list(out_shape), "store_dtype": store_dtype, "content_sha256": digest.hexdigest()}
@@ -144,7 +156,7 @@ def import_features(store: FeatureStore, dataset: str, split: str, name: str, ar
             "setting": {"model": model, "dataset": dataset, "split": split, "block": None, "t": None, "pool": None,
                         "name": name},
             "source": attrs or {}, "versions": {"diffeat": __version__}}
-    writer = SettingWriter.open(store, path, out_shape, store_dtype, meta, label=f"import {name}")
+    writer = SettingWriter.open(store, path, out_shape, store_dtype, meta, label=f"import {name}", chunk_rows=chunk_rows)
     outcome = "cached" if not writer.pending else "resumed" if len(writer.pending) < plan.n_units else "written"
     writer.claim_all()
     for u in sorted(writer.claimed):
@@ -155,6 +167,19 @@ def import_features(store: FeatureStore, dataset: str, split: str, name: str, ar
     info = store.find(dataset=dataset, split=split, name=name, model=model)
     logger.info("import %s: %s %s -> %s", name, outcome, out_shape, path)
     return ImportResult(info, outcome, order is not None)
+
+
+def _check_finite(block: np.ndarray, lo: int, source: str, store_dtype: str) -> None:
+    """Refuse NaN, infinities and values beyond the store dtype's range, naming the first rows (table order)."""
+    with np.errstate(invalid="ignore"):
+        finite = np.isfinite(block.reshape(len(block), -1)).all(axis=1)
+    if finite.all():
+        return
+    rows = (lo + np.flatnonzero(~finite))[:5].tolist()
+    if store_dtype == "float16":
+        raise StoreError(f"{source}: rows {rows} hold NaN, inf, or values beyond float16's range (+-65504): "
+                         "fix them, or import with --store-dtype float32 if they are only large")
+    raise StoreError(f"{source}: rows {rows} hold NaN or inf values: features must be finite")
 
 
 def _check_existing(store: FeatureStore, dataset: str, split: str, name: str, model: str, path: str, key: str,
@@ -169,7 +194,11 @@ def _check_existing(store: FeatureStore, dataset: str, split: str, name: str, mo
     old = dict(store.root[f"{path}/data"].attrs).get("diffeat", {})
     if old.get("settings_hash") == key:
         return  # same contents: resume or no-op
-    if not overwrite:
+    if old.get("status") != "complete" and not overwrite:
+        # An import that never finished (an earlier diffeat created its array before checking the values):
+        # nothing of it can be read, so a corrected import replaces it.
+        logger.warning("replacing the unfinished import %s (%s)", name, path)
+    elif not overwrite:
         raise StoreError(f"an import named {name!r} for {dataset}/{split} already exists with different contents "
                          f"({path}); use --overwrite to replace it")
     logger.warning("replacing import %s (%s)", name, path)

@@ -251,8 +251,9 @@ class ObjectStore:
         return out
 
     def list(self, prefix: str) -> dict[str, int]:
-        """``{key: size}`` of every object under ``prefix`` (recursive; one listing on S3)."""
-        base = self._path(prefix.rstrip("/"))
+        """``{key: size}`` of every object under ``prefix`` (recursive; one listing on S3; ``""``: all)."""
+        prefix = prefix.rstrip("/")
+        base = self._path(prefix) if prefix else str(self._local) if self._local is not None else self.root
         out: dict[str, int] = {}
         if self._local is not None:
             if not os.path.isdir(base):

@@ -60,9 +60,11 @@ class SettingInfo:
 
 def _info_from_array(path: str, arr: zarr.Array) -> SettingInfo | None:
     meta = dict(arr.attrs).get("diffeat")
-    if not isinstance(meta, dict) or "setting" not in meta:
+    if not isinstance(meta, dict) or not isinstance(meta.get("setting"), dict):
         return None
     s = meta["setting"]
+    if not all(isinstance(s.get(k), str) for k in ("model", "dataset", "split")):
+        return None
     return SettingInfo(
         model=s["model"], dataset=s["dataset"], split=s["split"], block=s.get("block"), t=s.get("t"),
         pool=s.get("pool"), name=s.get("name"), shape=tuple(arr.shape), dtype=str(arr.dtype),
@@ -81,9 +83,26 @@ def _info_from_entry(e: dict) -> SettingInfo:
     )
 
 
+def first_line(e: BaseException) -> str:
+    """An exception's message, first line only (for one-line errors)."""
+    text = str(e).strip() or type(e).__name__
+    return text.splitlines()[0][:200]
+
+
+def damaged(path: str, what: str) -> StoreError:
+    """The one-line error for damage a reader found: what, where, and how to repair it."""
+    return StoreError(f"features {path}: {what}; the store is damaged: run `diffeat verify --repair`, then the same "
+                      "`diffeat extract` to recompute what it unflags")
+
+
 @dataclass
 class FeatureSet:
-    """One setting's features with its sample table: what probe and CKA read."""
+    """One setting's features with its sample table: what probe and CKA read.
+
+    ``skipped``: rows whose image could not be decoded when the setting was extracted with
+    ``--on-bad-image skip`` (NaN in the store, listed with their ids and reasons in
+    ``attrs["skipped"]``); probe and CKA leave them out (``kept_rows``).
+    """
 
     info: SettingInfo
     array: zarr.Array
@@ -93,9 +112,14 @@ class FeatureSet:
     attrs: dict
     location: str = ""  # the store's path or URL (for dask workers, which open the array themselves)
     storage_options: dict | None = None
+    skipped: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
 
     def __len__(self) -> int:
         return int(self.array.shape[0])
+
+    def kept_rows(self) -> np.ndarray:
+        """Every row index except the skipped ones, ascending."""
+        return np.setdiff1d(np.arange(len(self), dtype=np.int64), self.skipped)
 
     @property
     def chunk_rows(self) -> int:
@@ -113,8 +137,27 @@ class FeatureSet:
         return block_ranges(len(self), self.chunk_rows, rows)
 
     def read(self, lo: int, hi: int, dtype: np.dtype | type = np.float32) -> np.ndarray:
-        """Rows ``[lo, hi)`` as ``dtype``."""
-        return np.asarray(self.array[lo:hi], dtype=dtype)
+        """Rows ``[lo, hi)`` as ``dtype``.
+
+        A chunk that fails its checksum or cannot be decoded, and a NaN row of a complete
+        setting that is not a skipped row (its chunk object was lost), are a ``StoreError``
+        saying to run ``diffeat verify --repair``: a reader never hands out wrong numbers.
+        """
+        try:
+            block = np.asarray(self.array[lo:hi], dtype=dtype)
+        except StoreError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any codec can fail on a damaged chunk
+            raise damaged(self.info.path, f"rows {lo}-{hi - 1} are unreadable ({type(e).__name__}: "
+                                          f"{first_line(e)})") from None
+        if self.info.status == "complete" and block.dtype.kind == "f" and block.size:
+            # max() propagates NaN without a temporary as large as the block (isnan() would make one).
+            missing = lo + np.flatnonzero(np.isnan(block.reshape(len(block), -1).max(axis=1)))
+            missing = missing[~np.isin(missing, self.skipped)]
+            if len(missing):
+                raise damaged(self.info.path, f"rows {missing[:5].tolist()}{' ...' if len(missing) > 5 else ''} "
+                                              "are missing (NaN) in a setting marked complete")
+        return block
 
     def load(self, dtype: np.dtype | type = np.float32) -> np.ndarray:
         """Read every row into memory."""
@@ -149,23 +192,29 @@ class FeatureStore:
 
     ``mode="r"`` never writes (it works on read-only directories and read-only
     credentials); ``mode="a"`` creates the store if needed (used by extract).
+    ``damaged_ok=True`` (``diffeat verify``) opens a store whose root metadata is
+    unreadable instead of refusing it: ``root`` is then None and ``root_problem`` says why.
     """
 
-    def __init__(self, location: str | Path, *, mode: str = "r", storage_options: dict | None = None):
+    def __init__(self, location: str | Path, *, mode: str = "r", storage_options: dict | None = None,
+                 damaged_ok: bool = False):
         self.location = check_location(location)
         self.mode = mode
         self.storage_options = storage_options
+        self.root_problem: str | None = None
         read_only = mode == "r"
         if not read_only and not is_url(self.location):
             _check_local_writable(self.location)
         from diffeat.store.objects import make_zarr_store
 
-        store = make_zarr_store(self.location, read_only=read_only, storage_options=storage_options)
+        store = self.zarr_store = make_zarr_store(self.location, read_only=read_only, storage_options=storage_options)
         try:
             if read_only:
                 self.root = zarr.open_group(store=store, mode="r")
             else:
                 self.root = _open_or_create_root(store)
+            attrs = dict(self.root.attrs).get("diffeat")
+            fmt = attrs.get("store_format") if isinstance(attrs, dict) else None
         except FileNotFoundError as e:
             why = self.objects.missing_reason() if is_url(self.location) else None
             if why is None:
@@ -176,12 +225,18 @@ class FeatureStore:
             if read_only:
                 raise StoreError(f"feature store {self.location} cannot be read: {e}") from e
             raise StoreError(f"feature store {self.location} is not writable: {e}") from e
-        fmt = dict(self.root.attrs).get("diffeat", {}).get("store_format")
+        except StoreError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a damaged zarr.json fails in json, zarr or numpy
+            problem = f"the root metadata (zarr.json) is unreadable ({type(e).__name__}: {first_line(e)})"
+            if not damaged_ok:
+                raise StoreError(f"feature store {self.location}: {problem}; run `diffeat verify --repair`") from None
+            self.root, self.root_problem, fmt = None, problem, STORE_FORMAT
         if fmt is None:
             raise StoreError(f"{self.location} is a Zarr group but not a diffeat feature store (no attrs.diffeat)")
-        if fmt > STORE_FORMAT:
+        if not isinstance(fmt, int) or isinstance(fmt, bool) or fmt > STORE_FORMAT:
             raise StoreError(
-                f"{self.location} has store format {fmt}; this diffeat reads format {STORE_FORMAT}: upgrade diffeat"
+                f"{self.location} has store format {fmt!r}; this diffeat reads format {STORE_FORMAT}: upgrade diffeat"
             )
 
     def __repr__(self) -> str:
@@ -200,32 +255,54 @@ class FeatureStore:
             raise StoreError(f"store {self.location} is open read-only; extract needs mode 'a'")
         self.objects.check_writable()
 
+    def open_array(self, path: str, mode: str = "r") -> zarr.Array:
+        """The zarr array at ``path``; a ``StoreError`` naming it when its metadata is missing or unreadable."""
+        try:
+            return zarr.open_array(store=self.zarr_store, path=path, mode=mode)
+        except StoreError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a damaged zarr.json fails in json, zarr or numpy
+            raise StoreError(f"{path} in {self.location}: its metadata is missing or unreadable "
+                             f"({type(e).__name__}: {first_line(e)}); run `diffeat verify --repair`") from None
+
     # -- listing ------------------------------------------------------------------------------
     def list_settings(self, *, walk: bool = False) -> list[SettingInfo]:
         """Every feature array in the store, sorted by model, dataset, split, block, t, pool.
 
-        Read from the catalog (``_catalog/``: one listing) when the store has one;
-        ``walk=True``, or a store without a catalog, walks the Zarr hierarchy instead.
+        Read from the catalog (``_catalog/``: one listing) when the store has one and every
+        entry is intact; ``walk=True``, a store without a catalog, or a damaged entry lists
+        the arrays themselves instead (``array_paths``), leaving out (with a warning) any
+        whose metadata is unreadable.
         """
         from diffeat.store.catalog import read_catalog
 
         # Only a store whose root says so has an entry for every setting: one made before the
         # catalog existed is walked until `diffeat verify --repair` fills its catalog in.
-        complete = dict(self.root.attrs).get("diffeat", {}).get("catalog")
-        entries = read_catalog(self.objects) if complete and not walk else None
+        attrs = dict(self.root.attrs).get("diffeat", {}) if self.root is not None else {}
+        entries = read_catalog(self.objects) if attrs.get("catalog") and not walk else None
         out = [_info_from_entry(e) for e in entries] if entries is not None else self._walk()
         key = lambda s: (s.model, s.dataset, s.split, s.name or "", s.block or 0, s.t or 0, s.pool or 0)  # noqa: E731
         return sorted(out, key=key)
 
+    def array_paths(self) -> list[str]:
+        """Path of every ``data`` array under ``features/``, from one listing of the objects."""
+        suffix = "/data/zarr.json"
+        return sorted(k[: -len("/zarr.json")] for k in self.objects.list("features") if k.endswith(suffix))
+
     def _walk(self) -> list[SettingInfo]:
-        if "features" not in self.root:
-            return []
         out = []
-        for path, node in self.root["features"].members(max_depth=None):
-            if isinstance(node, zarr.Array) and path.endswith("data"):
-                info = _info_from_array(f"features/{path}", node)
-                if info is not None:
-                    out.append(info)
+        for path in self.array_paths():
+            try:
+                info = _info_from_array(path, self.open_array(path))
+            except StoreError as e:
+                if "metadata" not in str(e):
+                    raise  # access denied, unreachable ...: not damage
+                logger.warning("%s: left out of the listing", e)
+                continue
+            if info is None:
+                logger.warning("%s has no readable diffeat attributes: left out; run `diffeat verify`", path)
+            else:
+                out.append(info)
         return out
 
     def find(self, *, dataset: str, split: str, block: int | None = None, t: int | None = None,
@@ -254,12 +331,17 @@ class FeatureStore:
     # -- reading ------------------------------------------------------------------------------
     def sample_table(self, dataset: str, split: str, manifest_sha256: str | None = None
                      ) -> tuple[np.ndarray, np.ndarray, list[str]]:
-        """``(ids, labels, class_names)`` of a dataset split stored in this store."""
+        """``(ids, labels, class_names)`` of a dataset split stored in this store.
+
+        A table that is incomplete, unreadable (a chunk failing its checksum) or inconsistent
+        (labels outside the classes, columns of different lengths) is a ``StoreError``.
+        """
         base = f"datasets/{check_name(dataset, 'dataset')}/{check_name(split, 'split')}"
-        if base not in self.root:
+        prefix = f"{base}/"
+        keys = sorted({k[len(prefix):].split("/", 1)[0] for k in self.objects.list(base)
+                       if k.startswith(prefix) and k.count("/") >= 4})
+        if not keys:
             raise StoreError(f"no sample table for {dataset}/{split} in {self.location}")
-        group = self.root[base]
-        keys = sorted(k for k, _ in group.groups())
         if manifest_sha256 is not None:
             keys = [k for k in keys if manifest_sha256.startswith(k)]
         if len(keys) != 1:
@@ -267,29 +349,98 @@ class FeatureStore:
                 f"{len(keys)} sample tables for {dataset}/{split} in {self.location}"
                 + ("" if keys else f" matching manifest {manifest_sha256}")
             )
-        table = group[keys[0]]
-        ids = np.array(table["id"][:].tolist(), dtype=str)
-        labels = np.asarray(table["label"][:], dtype=np.int64)
-        names = [str(c) for c in table["class_name"][:]]
+        path = f"{base}/{keys[0]}"
+        try:
+            group = zarr.open_group(store=self.zarr_store, path=path, mode="r")
+            attrs = dict(group.attrs).get("diffeat")
+            ids = np.array(group["id"][:].tolist(), dtype=str)
+            labels = np.asarray(group["label"][:], dtype=np.int64)
+            names = [str(c) for c in group["class_name"][:]]
+        except StoreError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any codec or metadata can fail on a damaged table
+            raise StoreError(f"sample table {path} in {self.location} is unreadable ({type(e).__name__}: "
+                             f"{first_line(e)}): run `diffeat verify --repair`, then the same `diffeat extract`"
+                             ) from None
+        if not isinstance(attrs, dict) or not attrs.get("complete") or (
+                manifest_sha256 is not None and attrs.get("manifest_sha256") != manifest_sha256):
+            raise StoreError(f"sample table {path} in {self.location} is incomplete or not the one its features "
+                             "were extracted from: run `diffeat verify`")
+        if len(labels) != len(ids) or (len(labels) and (labels.min() < 0 or labels.max() >= len(names))):
+            raise StoreError(f"sample table {path} in {self.location} is inconsistent ({len(ids)} ids, "
+                             f"{len(labels)} labels for {len(names)} classes): run `diffeat verify`")
         return ids, labels, names
 
     def open_features(self, *, dataset: str, split: str, block: int | None = None, t: int | None = None,
                       pool: int | None = None, model: str | None = None, name: str | None = None,
                       require_complete: bool = True) -> FeatureSet:
-        """Open one setting with its sample table (see ``find`` for matching)."""
+        """Open one setting with its sample table (see ``find`` for matching).
+
+        The setting's identity is taken from its array's own attributes and checked against
+        the listing (catalog entry), its folder name and its recorded settings
+        (``diffeat.store.integrity``); a complete setting must have every ledger flag set.
+        Anything that does not hold is a one-line ``StoreError`` saying to run ``diffeat verify``.
+        """
+        from diffeat.store.integrity import setting_problems
+
         info = self.find(dataset=dataset, split=split, block=block, t=t, pool=pool, model=model, name=name)
-        array = zarr.open_array(store=self.root.store, path=info.path, mode="r")
-        meta = dict(array.attrs)["diffeat"]
-        info = dataclasses.replace(info, status=meta.get("status", "in_progress"))  # the array is the truth
+        array = self.open_array(info.path)
+        try:
+            meta = dict(array.attrs).get("diffeat")
+        except Exception as e:  # noqa: BLE001 - attributes of a damaged zarr.json
+            raise damaged(info.path, f"its attributes are unreadable ({type(e).__name__})") from None
+        problems = setting_problems(info.path, meta, tuple(array.shape), str(array.dtype))
+        if not problems:
+            listed = {k: getattr(info, k) for k in ("model", "dataset", "split", "block", "t", "pool", "name")}
+            if info.settings_hash != meta["settings_hash"] or listed != {k: meta["setting"].get(k) for k in listed}:
+                problems.append(f"the catalog lists it as {info.label()} ({info.settings_hash[:12]}...), its "
+                                f"attributes say {meta['setting']} ({meta['settings_hash'][:12]}...)")
+        if problems:
+            more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+            raise StoreError(f"features {info.path} cannot be trusted: {problems[0]}{more}; run `diffeat verify`")
+        info = dataclasses.replace(info, status=meta["status"])  # the array is the truth
         if require_complete and info.status != "complete":
             raise StoreError(
                 f"features {info.path} are not complete (status {info.status!r}): finish them with "
                 "`diffeat extract` (it resumes) before reading"
             )
+        if info.status == "complete":
+            self._check_ledger(info.path, array, meta)
         ids, labels, classes = self.sample_table(dataset, split, meta.get("manifest_sha256"))
         if len(ids) != array.shape[0]:
             raise StoreError(f"{info.path} has {array.shape[0]} rows but its sample table has {len(ids)}")
-        return FeatureSet(info, array, ids, labels, classes, meta, self.location, self.storage_options)
+        skipped = _skipped_rows(info.path, meta, ids)
+        return FeatureSet(info, array, ids, labels, classes, meta, self.location, self.storage_options, skipped)
+
+    def _check_ledger(self, path: str, array: zarr.Array, meta: dict) -> None:
+        """A complete setting has one set flag per unit of its layout; otherwise its data cannot be trusted."""
+        layout = meta.get("layout") if isinstance(meta.get("layout"), dict) else {}
+        unit_rows = int((array.shards or array.chunks)[0])
+        n_units = -(-int(array.shape[0]) // unit_rows)
+        if layout.get("unit_rows") != unit_rows or layout.get("n_units") != n_units:
+            raise damaged(path, f"its recorded layout {layout.get('unit_rows')} rows x {layout.get('n_units')} units "
+                                f"is not the array's {unit_rows} x {n_units}")
+        group = path.rsplit("/", 1)[0]
+        try:
+            flags = np.asarray(self.open_array(f"{group}/done")[:])
+        except Exception as e:  # noqa: BLE001 - a missing or damaged ledger
+            raise damaged(path, f"its completion ledger is unreadable ({first_line(e)})") from None
+        if flags.shape != (n_units,) or not flags.all():
+            missing = n_units - int(np.count_nonzero(flags[:n_units])) if flags.ndim == 1 else n_units
+            raise damaged(path, f"it is marked complete but {missing} of {n_units} units are not flagged done")
+
+
+def _skipped_rows(path: str, meta: dict, ids: np.ndarray) -> np.ndarray:
+    """Rows recorded as skipped (undecodable images), checked against the sample table's ids."""
+    records = meta.get("skipped") or []
+    try:
+        rows = np.array([int(r["row"]) for r in records], dtype=np.int64)
+        ok = all(0 <= r < len(ids) and ids[r] == str(rec["id"]) for r, rec in zip(rows, records))
+    except (TypeError, KeyError, ValueError):
+        ok = False
+    if not ok:
+        raise damaged(path, "its record of skipped rows does not match the sample table")
+    return np.unique(rows)
 
 
 def _open_or_create_root(store) -> zarr.Group:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import getpass
+import json
 import logging
 import platform
 import queue
@@ -41,6 +42,9 @@ from diffeat.store.reader import FeatureStore
 logger = logging.getLogger(__name__)
 
 DIMENSIONS = ("sample", "channel", "y", "x")
+#: Folder of the skip records: ``_skipped/<settings-hash>/<unit>.json`` lists the rows of a unit whose
+#: image could not be decoded (``--on-bad-image skip``), written before the unit's ledger flag.
+SKIPPED = "_skipped"
 
 
 def now() -> str:
@@ -62,6 +66,20 @@ def compressors() -> list:
     from zarr.codecs import BloscCodec, Crc32cCodec
 
     return [BloscCodec(cname="lz4", clevel=5, shuffle="bitshuffle"), Crc32cCodec()]
+
+
+def table_compressors() -> list:
+    """zstd (zarr's default), then crc32c: a flipped bit in a label or an id fails the read, never mislabels."""
+    from zarr.codecs import Crc32cCodec, ZstdCodec
+
+    return [ZstdCodec(level=0), Crc32cCodec()]
+
+
+def ledger_compressors() -> list:
+    """crc32c alone (a flag is one byte): a damaged flag fails the read instead of meaning "done"."""
+    from zarr.codecs import Crc32cCodec
+
+    return [Crc32cCodec()]
 
 
 def write_sample_table(store: FeatureStore, table) -> str:
@@ -88,7 +106,8 @@ def _write_table(store: FeatureStore, table, path: str, digest: str) -> None:
         ("class_name", np.array(table.class_names, dtype=str), ("class",)),
     ):
         arr = group.create_array(name, shape=values.shape, dtype=values.dtype if values.dtype.kind != "U" else str,
-                                 chunks=(max(1, len(values)),), dimension_names=dims, overwrite=True)
+                                 chunks=(max(1, len(values)),), dimension_names=dims, overwrite=True,
+                                 compressors=table_compressors())
         arr[:] = values
     # Written last: a table is only trusted once all four arrays are in place.
     group.attrs["diffeat"] = {
@@ -126,9 +145,16 @@ class SettingWriter:
     claims: Claims
     _buffers: dict[int, np.ndarray] = field(default_factory=dict)
     _filled: dict[int, int] = field(default_factory=dict)
+    _skips: dict[int, dict[int, dict]] = field(default_factory=dict)  # unit -> row -> {"id", "reason"}
+    _skip_objects: set[int] = field(default_factory=set)  # units with a skip record in the store
     pending: set[int] = field(default_factory=set)
     claimed: set[int] = field(default_factory=set)
     written: int = 0  # units this writer wrote
+
+    @property
+    def settings_hash(self) -> str:
+        """The setting's identity hash (the name of its claims and skip-record folders)."""
+        return self.claims.prefix.rsplit("/", 1)[-1]
 
     @classmethod
     def open(cls, store: FeatureStore, path: str, shape: tuple[int, ...], dtype: str, attrs: dict,
@@ -144,7 +170,7 @@ class SettingWriter:
         claims = Claims(store.objects, attrs.get("settings_hash") or settings_hash(attrs), owner=owner)
         claims.create_once(lambda: _exists(store, data_path), lambda: _create(store, path, shape, dtype, attrs, plan),
                            data_path)
-        array = zarr.open_array(store=store.root.store, path=data_path, mode="r+")
+        array = zarr.open_array(store=store.zarr_store, path=data_path, mode="r+")
         meta = dict(array.attrs).get("diffeat", {})
         if tuple(array.shape) != tuple(shape) or str(array.dtype) != dtype:
             raise StoreError(
@@ -153,10 +179,21 @@ class SettingWriter:
             )
         layout = meta.get("layout", {})
         plan = ChunkPlan(shape[0], int(layout.get("chunk_rows", plan.chunk_rows)), layout.get("shard_rows"))
-        done = zarr.open_array(store=store.root.store, path=f"{path}/done", mode="r+")
+        # A ledger that was deleted is made again, empty: every unit is then recomputed (`diffeat verify
+        # --repair` instead keeps the units whose data still read back whole).
+        claims.create_once(lambda: store.objects.get(f"{path}/done/zarr.json") is not None,
+                           lambda: create_ledger(store, path, plan), f"{path}/done")
+        done = zarr.open_array(store=store.zarr_store, path=f"{path}/done", mode="r+")
         writer = cls(array, done, plan, data_path, label, store, claims)
+        writer._skip_objects = {int(k.rsplit("/", 1)[-1].split(".")[0]) for k in store.objects.list(writer.skip_prefix)
+                                if k.rsplit("/", 1)[-1].split(".")[0].isdigit()}
         writer.refresh()
         return writer
+
+    @property
+    def skip_prefix(self) -> str:
+        """Where the skip records of this setting's units are kept: ``_skipped/<settings-hash>``."""
+        return f"{SKIPPED}/{self.settings_hash}"
 
     @property
     def status(self) -> str:
@@ -199,6 +236,7 @@ class SettingWriter:
             self.claims.release(str(u))
             self._buffers.pop(u, None)
             self._filled.pop(u, None)
+            self._skips.pop(u, None)
         self.claimed.clear()
 
     def rows_needed(self) -> np.ndarray:
@@ -206,9 +244,14 @@ class SettingWriter:
         parts = [np.arange(*self.plan.unit_range(u)) for u in sorted(self.claimed)]
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
-    def add(self, rows: np.ndarray, values: np.ndarray) -> None:
-        """Buffer feature rows; every claimed unit that becomes full is written and flagged."""
+    def add(self, rows: np.ndarray, values: np.ndarray, skipped: dict[int, dict] | None = None) -> None:
+        """Buffer feature rows; every claimed unit that becomes full is written and flagged.
+
+        ``skipped``: rows whose image could not be decoded (``--on-bad-image skip``), each with
+        ``{"id", "reason"}``; they are stored as NaN and recorded with the unit.
+        """
         units = rows // self.plan.unit_rows
+        skipped = skipped or {}
         for u in np.unique(units):
             u = int(u)
             if u not in self.claimed:
@@ -219,7 +262,11 @@ class SettingWriter:
             if buf is None:
                 buf = self._buffers[u] = np.empty((hi - lo,) + self.array.shape[1:], dtype=self.array.dtype)
                 self._filled[u] = 0
-            buf[rows[sel] - lo] = _cast(values[sel], self.array.dtype, self.label, rows[sel])
+                self._skips[u] = {}
+            bad = np.array([int(r) in skipped for r in rows[sel]], dtype=bool)
+            buf[rows[sel] - lo] = _cast(values[sel], self.array.dtype, self.label, rows[sel], bad)
+            for r in rows[sel][bad]:
+                self._skips[u][int(r)] = skipped[int(r)]
             self._filled[u] += int(sel.sum())
             if self._filled[u] == hi - lo:
                 self._write_unit(u, lo, hi)
@@ -227,6 +274,13 @@ class SettingWriter:
     def _write_unit(self, u: int, lo: int, hi: int) -> None:
         self.array[lo:hi] = self._buffers.pop(u)
         self._filled.pop(u)
+        skips = self._skips.pop(u, {})
+        key = f"{self.skip_prefix}/{u}.json"
+        if skips:  # before the flag: a flagged unit's NaN rows are always explained
+            records = [{"row": r, **skips[r]} for r in sorted(skips)]
+            self.store.objects.put(key, json.dumps({"unit": u, "rows": records}, sort_keys=True).encode())
+        elif u in self._skip_objects:
+            self.store.objects.delete(key)  # the unit's images decode now: its old record is gone
         self.done[u] = 1  # only after the data object is in place
         self.pending.discard(u)
         self.claimed.discard(u)
@@ -245,11 +299,36 @@ class SettingWriter:
         meta = dict(self.array.attrs)["diffeat"]
         if meta.get("status") != "complete":
             meta.update(status="complete", completed=now())
+            skipped = read_skips(self.store.objects, self.settings_hash)
+            if skipped:
+                meta["skipped"] = skipped
             self.array.attrs["diffeat"] = meta
         entry = catalog.make_entry(self.path, meta, tuple(self.array.shape), str(self.array.dtype),
                                    stored_bytes=catalog.stored_bytes(self.store.objects, self.path))
         catalog.put_entry(self.store.objects, entry)
+        # Every unit is flagged: no claim on this setting is needed any more. Generations a killed
+        # writer left (after its flag, before its release) would otherwise stay for good.
+        for key in self.store.objects.list(self.claims.prefix):
+            self.store.objects.delete(key)
         return True
+
+
+def read_skips(objects, digest: str) -> list[dict]:
+    """The skip records of every unit of a setting, as one list ``[{"row", "id", "reason"}]`` by row."""
+    keys = [k for k in objects.list(f"{SKIPPED}/{digest}") if k.endswith(".json")]
+    rows: dict[int, dict] = {}
+    for data in objects.get_many(keys).values():
+        for record in json.loads(data).get("rows", []):
+            rows[int(record["row"])] = {"row": int(record["row"]), "id": str(record["id"]),
+                                        "reason": str(record["reason"])}
+    return [rows[r] for r in sorted(rows)]
+
+
+def create_ledger(store: FeatureStore, path: str, plan: ChunkPlan) -> None:
+    """The completion ledger of a setting: one flag (its own object, checksummed) per unit, all 0."""
+    group = _require_group(store.root, path)
+    group.create_array("done", shape=(plan.n_units,), dtype="uint8", chunks=(1,), fill_value=0,
+                       dimension_names=("unit",), overwrite=True, compressors=ledger_compressors())
 
 
 def _exists(store: FeatureStore, data_path: str) -> bool:
@@ -265,8 +344,7 @@ def _create(store: FeatureStore, path: str, shape: tuple[int, ...], dtype: str, 
                        "unit_rows": plan.unit_rows, "n_units": plan.n_units,
                        "codecs": "blosc(lz4, 5, bitshuffle) + crc32c"}}
     # The ledger first: an array without a ledger would look like it has nothing to resume.
-    group.create_array("done", shape=(plan.n_units,), dtype="uint8", chunks=(1,), fill_value=0,
-                       dimension_names=("unit",), overwrite=True)
+    create_ledger(store, path, plan)
     chunk = (plan.chunk_rows,) + tuple(shape[1:])
     shard = (plan.shard_rows,) + tuple(shape[1:]) if plan.shard_rows else None
     group.create_array(
@@ -277,10 +355,19 @@ def _create(store: FeatureStore, path: str, shape: tuple[int, ...], dtype: str, 
     catalog.create_entry(store.objects, catalog.make_entry(f"{path}/data", meta, shape, dtype))
 
 
-def _cast(values: np.ndarray, dtype: np.dtype, label: str, rows: np.ndarray) -> np.ndarray:
-    """Cast to the store dtype, refusing non-finite values instead of storing them."""
+def _cast(values: np.ndarray, dtype: np.dtype, label: str, rows: np.ndarray,
+          skipped: np.ndarray | None = None) -> np.ndarray:
+    """Cast to the store dtype, refusing non-finite values instead of storing them.
+
+    ``skipped`` rows (images that could not be decoded) are stored as NaN, the fill value.
+    """
     out = values.astype(dtype, copy=False)
+    if skipped is not None and skipped.any():
+        out = np.array(out, copy=True)
+        out[skipped] = np.nan
     finite = np.isfinite(out.reshape(len(out), -1)).all(axis=1)
+    if skipped is not None:
+        finite |= skipped
     if not finite.all():
         bad = rows[~finite][:5].tolist()
         src_finite = np.isfinite(values.reshape(len(values), -1)).all(axis=1)
@@ -310,16 +397,17 @@ class BackgroundWriter:
                 return
             if self._error is not None:
                 continue  # drain after a failure
-            writer, rows, values = item
+            writer, rows, values, skipped = item
             try:
-                writer.add(rows, values)
+                writer.add(rows, values, skipped)
             except BaseException as e:  # noqa: BLE001 - handed to the caller
                 self._error = e
 
-    def put(self, writer: SettingWriter, rows: np.ndarray, values: np.ndarray) -> None:
-        """Queue rows for ``writer`` (blocks when the queue is full)."""
+    def put(self, writer: SettingWriter, rows: np.ndarray, values: np.ndarray,
+            skipped: dict[int, dict] | None = None) -> None:
+        """Queue rows for ``writer`` (blocks when the queue is full); ``skipped`` as ``SettingWriter.add``."""
         self._raise()
-        self._queue.put((writer, rows, values))
+        self._queue.put((writer, rows, values, skipped))
 
     def close(self) -> None:
         """Wait until everything queued is written; re-raise a write error."""
