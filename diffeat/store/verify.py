@@ -278,13 +278,14 @@ def _check_setting(store: FeatureStore, path: str, entries: dict[str, dict], key
             check.problems.append(f"sample table has {len(ids)} rows, the array {n}")
     except StoreError as e:
         check.problems.append(f"sample table: {e}")
-    entry = entries.get(catalog.entry_key(check.settings_hash)) if check.settings_hash else None
+    key = catalog.entry_key(check.settings_hash) if check.settings_hash else ""
+    entry = entries.get(key)
     if entry is None:
-        if not any(k == catalog.entry_key(check.settings_hash) for k in keys):
+        if key not in keys:
             check.problems.append("no catalog entry (`diffeat ls` does not show it)")
     else:
         expected = catalog.make_entry(path, meta, tuple(array.shape), str(array.dtype))
-        check.problems += entry_problems(entry, expected)
+        check.problems += [f"{key}: {p}" for p in entry_problems(entry, expected)]
 
     for u in range(n_units):
         lo, hi = u * unit_rows, min(n, (u + 1) * unit_rows)
@@ -380,12 +381,16 @@ def _check_tables(store: FeatureStore, keys: dict[str, int], problems: list[Obje
     """Every sample table reads back (checksummed chunks) and its rows hash to its manifest."""
     for key in sorted(k for k in keys if k.startswith("datasets/") and k.count("/") == 4 and k.endswith("/zarr.json")):
         path = key[: -len("/zarr.json")]
+        columns = []
+        where = path
         try:
             group = zarr.open_group(store=store.zarr_store, path=path, mode="r")
             attrs = dict(group.attrs).get("diffeat")
-            columns = [group[name][:] for name in ("id", "path", "label", "class_name")]
+            for name in ("id", "path", "label", "class_name"):
+                where = f"{path}/{name}"
+                columns.append(store.open_array(where)[:])
         except Exception as e:  # noqa: BLE001 - a damaged chunk or metadata of the table
-            problems.append(ObjectProblem(path, f"sample table unreadable ({type(e).__name__}: {first_line(e)})"))
+            problems.append(ObjectProblem(where, f"sample table unreadable ({type(e).__name__}: {first_line(e)})"))
             continue
         ids, relpaths, labels, names = columns
         found = table_problems(path, attrs, [str(v) for v in ids], [str(v) for v in relpaths], labels,
@@ -415,6 +420,7 @@ def _repair(store: FeatureStore, checks: list[SettingCheck], problems: list[Obje
         if path.endswith("zarr.json"):
             problem.repaired = _rewrite_group(store, path)
         elif path.startswith("datasets/"):
+            path = "/".join(path.split("/")[:4])  # the whole table: the next extract writes it again
             for key in store.objects.list(path):
                 store.objects.delete(key)  # the next extract of this split writes the table again
             problem.repaired = True

@@ -188,7 +188,14 @@ class SettingWriter:
         writer._skip_objects = {int(k.rsplit("/", 1)[-1].split(".")[0]) for k in store.objects.list(writer.skip_prefix)
                                 if k.rsplit("/", 1)[-1].split(".")[0].isdigit()}
         writer.refresh()
+        if not writer.pending and meta.get("status") == "complete":
+            writer.clean_claims()  # a finished setting needs no claim: drop any a killed writer left
         return writer
+
+    def clean_claims(self) -> None:
+        """Remove every claim object of this setting (only once every unit is flagged)."""
+        for key in self.store.objects.list(self.claims.prefix):
+            self.store.objects.delete(key)
 
     @property
     def skip_prefix(self) -> str:
@@ -308,8 +315,7 @@ class SettingWriter:
         catalog.put_entry(self.store.objects, entry)
         # Every unit is flagged: no claim on this setting is needed any more. Generations a killed
         # writer left (after its flag, before its release) would otherwise stay for good.
-        for key in self.store.objects.list(self.claims.prefix):
-            self.store.objects.delete(key)
+        self.clean_claims()
         return True
 
 
