@@ -66,7 +66,7 @@ def verify_cli(store: Path, *extra: str):
 def test_every_array_diffeat_writes_is_checksummed(store):
     arrays = [p for p in store.rglob("zarr.json") if json.loads(p.read_text()).get("node_type") == "array"]
     kinds = {p.parent.name for p in arrays}
-    assert kinds == {"data", "done", "id", "path", "label", "class_name"}
+    assert kinds == {"data", "done", "sample", "id", "path", "label", "class_name"}
     for meta in arrays:
         codecs = [c["name"] for c in json.loads(meta.read_text())["codecs"]]
         assert codecs[-1] == "crc32c", (meta, codecs)
@@ -243,6 +243,7 @@ KINDS = {
     "features": "features/*/*/*/*/data/c/*/*/*/*",
     "ledger": "features/*/*/*/*/done/c/*",
     "sample tables": "datasets/*/*/*/*/c/*",
+    "coordinates": "features/*/*/*/*/sample/c/*",
     "catalog": "_catalog/*.json",
     "metadata": "**/zarr.json",
 }
@@ -288,7 +289,7 @@ def test_random_bit_flips_are_never_silent_and_never_crash(store):
     print(f"\nbit flips: {total} injected, {caught} reported or refused, "
           f"{total - caught} harmless (same values read), 0 silent, 0 crashes: {tally}")
     assert total == len(KINDS) * FLIPS_PER_KIND
-    for kind in ("features", "ledger", "sample tables"):  # checksummed objects: every flip is caught
+    for kind in ("features", "ledger", "sample tables", "coordinates"):  # checksummed: every flip is caught
         assert tally[kind].get("harmless", 0) == 0, tally[kind]
 
 

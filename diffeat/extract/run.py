@@ -73,35 +73,16 @@ def run_extract(config: ExtractConfig, *, store: FeatureStore | None = None) -> 
     units over a cluster (``diffeat.extract.distributed``). ``config.chunk_rows`` forces
     smaller units.
     """
-    from diffeat.data import open_dataset
-    from diffeat.models.loading import load_model
-
     c = config
     dev = resolve_device(c.device)
-    layout = open_dataset(c.dataset, c.root, classes=c.classes)
-    split_names = list(c.splits) or list(layout.standard_splits)
-    if split_names == ["all"]:
-        split_names = list(layout.splits)
-    tables = {}
-    for split in split_names:
-        table = layout.samples(split)
-        tables[split] = table.head(c.limit) if c.limit is not None else table
-        tables[split].check_files()
-
+    tables = _sample_tables(c)
     # Read-only credentials fail here, before the model is loaded; nothing is created yet: a run
     # refused below (a block the model lacks, a bad pool size) leaves no store behind.
     if store is not None:
         store.check_writable()
     else:
         check_writable_location(c.store, c.storage_options)
-
-    loaded = load_model(c.model)
-    res = c.resolution or loaded.resolution
-    table = block_table(loaded.unet, res)
-    check_blocks(c.blocks, len(table))
-    _check_pools(table, c.blocks, c.pools, res)
-    model_inputs(loaded.unet, 1, "cpu", torch.float32)  # refuses class-conditional models now, not mid-run
-
+    loaded, res, table = _load_checked(c)
     try:
         fs = as_store(store if store is not None else c.store, mode="a", storage_options=c.storage_options)
         report = ExtractReport(model=loaded.name, dataset=c.dataset, store=fs.location, config=c.as_dict())
@@ -117,6 +98,46 @@ def run_extract(config: ExtractConfig, *, store: FeatureStore | None = None) -> 
         raise full from None
     report.seconds = time.perf_counter() - start
     return report
+
+
+def check_extract(config: ExtractConfig) -> None:
+    """Every check ``run_extract`` makes before it computes, without writing anything (``diffeat run --dry-run``).
+
+    The device, the dataset's splits and files, the model, and the blocks and pool sizes
+    against the model's computed block table.
+    """
+    resolve_device(config.device)
+    _sample_tables(config)
+    _load_checked(config)
+
+
+def _sample_tables(c: ExtractConfig) -> dict[str, SampleTable]:
+    """The sample table of each split to extract (``--limit`` applied), every file checked to exist."""
+    from diffeat.data import open_dataset
+
+    layout = open_dataset(c.dataset, c.root, classes=c.classes)
+    split_names = list(c.splits) or list(layout.standard_splits)
+    if split_names == ["all"]:
+        split_names = list(layout.splits)
+    tables = {}
+    for split in split_names:
+        table = layout.samples(split)
+        tables[split] = table.head(c.limit) if c.limit is not None else table
+        tables[split].check_files()
+    return tables
+
+
+def _load_checked(c: ExtractConfig) -> tuple[LoadedModel, int, list[BlockInfo]]:
+    """The model, its input resolution and block table, with the blocks and pool sizes checked against it."""
+    from diffeat.models.loading import load_model
+
+    loaded = load_model(c.model)
+    res = c.resolution or loaded.resolution
+    table = block_table(loaded.unet, res)
+    check_blocks(c.blocks, len(table))
+    _check_pools(table, c.blocks, c.pools, res)
+    model_inputs(loaded.unet, 1, "cpu", torch.float32)  # refuses class-conditional models now, not mid-run
+    return loaded, res, table
 
 
 @dataclass
@@ -182,7 +203,7 @@ def _extract_split(run: _Run, tab: SampleTable, report: ExtractReport, client: C
     at_open = {key: set(w.pending) for key, w in opened.items()}
     for w in opened.values():
         if not w.pending:
-            logger.info("cached: %s (%s)", w.path, w.label)
+            logger.debug("cached: %s (%s)", w.path, w.label)
     num_workers = c.num_workers if c.num_workers is not None else default_workers(run.dev)
     work = SplitWork(c, loaded.unet, tab, opened, run.res, run.dev, num_workers, run.forwards, progress=c.progress)
     by_cluster: dict[str, int] = {}

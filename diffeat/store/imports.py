@@ -31,7 +31,7 @@ from diffeat.store.layout import (
     setting_path,
     settings_hash,
 )
-from diffeat.store.reader import FeatureStore, SettingInfo
+from diffeat.store.reader import FeatureStore, SettingInfo, open_store
 from diffeat.store.writer import SettingWriter
 
 logger = logging.getLogger(__name__)
@@ -50,20 +50,21 @@ class ImportResult:
 
 def table_manifest(store: FeatureStore, dataset: str, split: str) -> tuple[str, np.ndarray]:
     """``(manifest_sha256, ids)`` of the one sample table stored for ``dataset``/``split``."""
-    base = f"datasets/{check_name(dataset, 'dataset')}/{check_name(split, 'split')}"
-    keys = sorted(k for k, _ in store.root[base].groups()) if base in store.root else []
+    tables = store.sample_tables(dataset)
+    keys = tables.get(check_name(split, "split"), [])
     if not keys:
-        have = sorted(f"{d}/{s}" for d, g in store.root["datasets"].groups() for s, _ in g.groups()) \
-            if "datasets" in store.root else []
+        have = ", ".join(f"{dataset}/{s}" for s in sorted(tables)) or "none"
         raise StoreError(
-            f"no sample table for {dataset}/{split} in {store.location} (it has: {', '.join(have) or 'none'}); "
-            "an import is checked against the store's sample table, so extract that dataset split first"
+            f"no sample table for {dataset}/{split} in {store.location} (it has: {have}); "
+            "an import is checked against the store's sample table, so extract that dataset split first "
+            "(or give the dataset's --root)"
         )
     if len(keys) > 1:
         raise StoreError(f"{len(keys)} sample tables for {dataset}/{split} in {store.location}: ambiguous import")
-    meta = dict(store.root[f"{base}/{keys[0]}"].attrs).get("diffeat", {})
-    ids, _, _ = store.sample_table(dataset, split)
-    return str(meta.get("manifest_sha256", keys[0])), ids
+    meta = store.objects.get_json(f"datasets/{dataset}/{split}/{keys[0]}/zarr.json") or {}
+    manifest = ((meta.get("attributes") or {}).get("diffeat") or {}).get("manifest_sha256")
+    ids, _, _ = store.sample_table(dataset, split, manifest)
+    return str(manifest), ids
 
 
 def _order(table_ids: np.ndarray, ids: Sequence[str] | None, n_rows: int, what: str) -> np.ndarray | None:
@@ -105,21 +106,29 @@ def _rows(array: Any, order: np.ndarray | None, lo: int, hi: int) -> np.ndarray:
     return out
 
 
-def import_features(store: FeatureStore, dataset: str, split: str, name: str, array: Any, *,
+def import_features(store: FeatureStore | str, dataset: str, split: str, name: str, array: Any, *,
                     attrs: dict | None = None, ids: Sequence[str] | None = None, model: str = DEFAULT_MODEL,
-                    store_dtype: str = "float16", overwrite: bool = False, chunk_rows: int | None = None
-                    ) -> ImportResult:
+                    store_dtype: str = "float16", overwrite: bool = False, root: str | None = None,
+                    classes: str | None = None, chunk_rows: int | None = None,
+                    storage_options: dict | None = None) -> ImportResult:
     """Write ``array`` ((N, D) or (N, C, k, k), NumPy/memmap/zarr) into ``store`` as import ``name``.
 
     ``ids``: the sample id of each source row (checked against the sample table and used to
     put rows in table order); without it N must equal the table's N. ``attrs``: provenance
-    to record (source file, model description ...). ``chunk_rows``: rows per stored chunk (a power
-    of two; default ~2 MiB chunks, as extract). The store must be open with ``mode="a"``.
+    to record (source file, model description ...). The store must be open with ``mode="a"``.
+    ``root`` (``classes``): when the store has no sample table for the split yet (nothing was
+    extracted), read it from the dataset there and store it (once the array is checked); built-in
+    datasets need none. ``chunk_rows``: rows per stored chunk (a power of two; default ~2 MiB
+    chunks, as extract). ``store`` may be a location (with ``storage_options``): it is then opened
+    for writing, or started, only after every value of the array has been checked, so a refused
+    import creates nothing.
     """
     check_name(name, "import")
     check_name(model, "model")
-    if store.mode != "a":
+    location = store if not isinstance(store, FeatureStore) else None
+    if location is None and store.mode != "a":
         raise StoreError(f"{store.location} is open read-only; importing needs mode='a'")
+    existing = store if location is None else _existing(location, storage_options)
     check_choice(store_dtype, STORE_DTYPES, "--store-dtype")
     source = str((attrs or {}).get("source") or "the array")
     shape = tuple(int(v) for v in array.shape)
@@ -130,7 +139,19 @@ def import_features(store: FeatureStore, dataset: str, split: str, name: str, ar
                          f"shape {shape} of {kind}")
     if shape[0] == 0 or 0 in shape[1:]:
         raise StoreError(f"{source}: shape {shape} holds no features (every dimension must be at least 1)")
-    manifest, table_ids = table_manifest(store, dataset, split)
+    new_table = None
+    held = existing.splits(dataset) if existing is not None else []
+    if split not in held and (root is not None or _builtin(dataset)):
+        from diffeat.data import open_dataset
+
+        new_table = open_dataset(dataset, root, classes=classes).samples(split)  # stored once the array is checked
+    elif existing is None:
+        raise StoreError(f"no feature store at {location}: start one with `diffeat extract`, or give the dataset's "
+                         "--root so that the import reads the split's sample table from it")
+    if new_table is not None:
+        manifest, table_ids = new_table.manifest_sha256(), np.array(new_table.ids, dtype=str)
+    else:
+        manifest, table_ids = table_manifest(existing, dataset, split)
     order = _order(table_ids, ids, shape[0], f"{source} ({shape})")
     out_shape = (len(table_ids),) + shape[1:]
     row_bytes = int(np.prod(out_shape[1:])) * np.dtype(store_dtype).itemsize
@@ -150,13 +171,20 @@ def import_features(store: FeatureStore, dataset: str, split: str, name: str, ar
                 "shape": list(out_shape), "store_dtype": store_dtype, "content_sha256": digest.hexdigest()}
     key = settings_hash(settings)
     path = setting_path(model, dataset, split, name)
+    if location is not None:
+        store = open_store(location, mode="a", storage_options=storage_options)
     _check_existing(store, dataset, split, name, model, path, key, overwrite)
+    if new_table is not None:
+        from diffeat.store.writer import write_sample_table
+
+        write_sample_table(store, new_table)
 
     meta = {"settings": settings, "settings_hash": key, "manifest_sha256": manifest,
             "setting": {"model": model, "dataset": dataset, "split": split, "block": None, "t": None, "pool": None,
                         "name": name},
             "source": attrs or {}, "versions": {"diffeat": __version__}}
-    writer = SettingWriter.open(store, path, out_shape, store_dtype, meta, label=f"import {name}", chunk_rows=chunk_rows)
+    writer = SettingWriter.open(store, path, out_shape, store_dtype, meta, label=f"import {name}",
+                                chunk_rows=chunk_rows)
     outcome = "cached" if not writer.pending else "resumed" if len(writer.pending) < plan.n_units else "written"
     writer.claim_all()
     for u in sorted(writer.claimed):
@@ -204,3 +232,55 @@ def _check_existing(store: FeatureStore, dataset: str, split: str, name: str, mo
     logger.warning("replacing import %s (%s)", name, path)
     del store.root[path]
     store.objects.delete(entry_key(old.get("settings_hash", "")))
+
+
+def _existing(location: str, storage_options: dict | None) -> FeatureStore | None:
+    """The store at ``location`` opened read-only, or None when there is none yet (an import may start one)."""
+    try:
+        return open_store(location, mode="r", storage_options=storage_options)
+    except StoreError as e:
+        if str(e).startswith("no feature store at"):
+            return None
+        raise
+
+
+def _builtin(dataset: str) -> bool:
+    """Whether ``dataset`` is a built-in layout (its sample table needs no files)."""
+    from diffeat.data import DATASETS
+
+    return dataset in DATASETS and DATASETS[dataset].builtin
+
+
+def sample_rows(dataset: str, splits: Sequence[str], *, store: str | None = None,
+                storage_options: dict | None = None, root: str | None = None,
+                classes: str | None = None) -> list[dict]:
+    """Rows ``{split, row, id, path, label, class_name}`` of splits, in feature-row order (``diffeat ids``).
+
+    From ``store`` when it holds the split's sample table, else from the dataset (``root``;
+    none for built-in datasets): the same rows either way, since a table's order is its
+    manifest's. ``splits`` empty: every split the store holds, or the dataset's standard pair.
+    """
+    from diffeat.data import open_dataset
+    from diffeat.store.reader import open_store
+
+    fs = open_store(store, storage_options=storage_options) if store else None
+    layout = None
+    if fs is None or (root is not None and not fs.splits(dataset)):
+        layout = open_dataset(dataset, root, classes=classes)
+    if not splits:
+        splits = fs.splits(dataset) if fs is not None and fs.splits(dataset) else list(layout.standard_splits)
+    out: list[dict] = []
+    for split in splits:
+        if fs is not None and split in fs.splits(dataset):
+            table = fs.sample_rows(dataset, split)
+        else:
+            if layout is None:
+                raise StoreError(f"no sample table for {dataset}/{split} in {fs.location} (it holds: "
+                                 f"{', '.join(fs.splits(dataset)) or 'none'}); give --root to read the dataset")
+            t = layout.samples(split)
+            table = {"id": np.array(t.ids), "path": np.array(t.relpaths), "label": t.labels,
+                     "class_name": np.array(t.class_names)[t.labels]}
+        out += [{"split": split, "row": i, "id": str(table["id"][i]), "path": str(table["path"][i]),
+                 "label": int(table["label"][i]), "class_name": str(table["class_name"][i])}
+                for i in range(len(table["id"]))]
+    return out

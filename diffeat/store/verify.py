@@ -47,7 +47,7 @@ from diffeat.store import catalog
 from diffeat.store.integrity import entry_problems, setting_problems, table_problems
 from diffeat.store.layout import STORE_FORMAT
 from diffeat.store.reader import FeatureStore, first_line
-from diffeat.store.writer import SKIPPED, create_ledger, read_skips
+from diffeat.store.writer import SKIPPED, consolidate, create_ledger, read_skips
 
 logger = logging.getLogger(__name__)
 
@@ -222,6 +222,15 @@ def _read_metadata(store: FeatureStore, keys: dict[str, int], problems: list[Obj
                 problems.append(ObjectProblem(key, f"metadata unreadable ({type(e).__name__}: {first_line(e)})"))
             continue
         out[key] = doc
+    for key, doc in out.items():
+        members = (doc.get("consolidated_metadata") or {}).get("metadata") if doc.get("node_type") == "group" else None
+        folder = key[: -len("zarr.json")]
+        for name, member in (members or {}).items():
+            own = out.get(f"{folder}{name}/zarr.json")
+            if own != member and not _same_array_metadata(own, member):
+                # diffeat never reads this copy, but xarray does: a stale or damaged one misleads it.
+                problems.append(ObjectProblem(key, f"consolidated metadata of {name!r} differs from "
+                                                   f"{folder}{name}/zarr.json"))
     root = out.get("zarr.json")
     if root is not None:
         attrs = (root.get("attributes") or {}).get("diffeat")
@@ -230,6 +239,15 @@ def _read_metadata(store: FeatureStore, keys: dict[str, int], problems: list[Obj
             problems.append(ObjectProblem("zarr.json", f"root attributes {attrs!r} are not a format "
                                                        f"{STORE_FORMAT} feature store's"))
     return out
+
+
+def _same_array_metadata(a: Any, b: Any) -> bool:
+    from zarr.core.metadata import ArrayV3Metadata
+
+    try:
+        return ArrayV3Metadata.from_dict(dict(a)).to_dict() == ArrayV3Metadata.from_dict(dict(b)).to_dict()
+    except Exception:  # noqa: BLE001 - either one unparseable: not the same
+        return False
 
 
 # -- settings ---------------------------------------------------------------------------------------
@@ -278,6 +296,14 @@ def _check_setting(store: FeatureStore, path: str, entries: dict[str, dict], key
             check.problems.append(f"sample table has {len(ids)} rows, the array {n}")
     except StoreError as e:
         check.problems.append(f"sample table: {e}")
+        ids = None
+    if f"{group}/sample/zarr.json" in keys:  # the `sample` coordinate xarray reads (since diffeat 0.1.1)
+        try:
+            coordinate = np.array(store.open_array(f"{group}/sample")[:].tolist(), dtype=str)
+            if ids is not None and not np.array_equal(coordinate, ids):
+                check.problems.append(f"{group}/sample: the sample coordinate is not the sample table's ids")
+        except Exception as e:  # noqa: BLE001 - a damaged chunk or metadata of the coordinate
+            check.problems.append(f"{group}/sample unreadable ({type(e).__name__}: {first_line(e)})")
     key = catalog.entry_key(check.settings_hash) if check.settings_hash else ""
     entry = entries.get(key)
     if entry is None:
@@ -396,6 +422,13 @@ def _check_tables(store: FeatureStore, keys: dict[str, int], problems: list[Obje
         found = table_problems(path, attrs, [str(v) for v in ids], [str(v) for v in relpaths], labels,
                                [str(v) for v in names])
         problems += [ObjectProblem(path, f"sample table: {p}") for p in found]
+        if f"{path}/sample/zarr.json" in keys:  # the `sample` coordinate xarray reads (since diffeat 0.1.1)
+            try:
+                if [str(v) for v in store.open_array(f"{path}/sample")[:]] != [str(v) for v in ids]:
+                    problems.append(ObjectProblem(f"{path}/sample", "the sample coordinate is not the table's ids"))
+            except Exception as e:  # noqa: BLE001 - a damaged chunk or metadata of the coordinate
+                problems.append(ObjectProblem(f"{path}/sample", f"sample coordinate unreadable ({type(e).__name__}: "
+                                                                f"{first_line(e)})"))
 
 
 def _check_claims(keys: dict[str, int], checks: list[SettingCheck], problems: list[ObjectProblem]) -> None:
@@ -415,10 +448,17 @@ def _check_claims(keys: dict[str, int], checks: list[SettingCheck], problems: li
 def _repair(store: FeatureStore, checks: list[SettingCheck], problems: list[ObjectProblem], metadata: dict,
             bad_entries: dict[str, str], good_entries: dict[str, dict], *, whole_store: bool) -> None:
     """Rebuild what can be rebuilt, unflag what must be recomputed, remove what is left over."""
+    consolidated: set[str] = set()  # groups whose consolidated metadata is written again at the end
     for problem in problems:
         path = problem.path
-        if path.endswith("zarr.json"):
+        if path.endswith("zarr.json") and problem.problem.startswith("consolidated metadata"):
+            consolidated.add(path[: -len("zarr.json")].rstrip("/"))
+            problem.repaired = True
+        elif path.endswith("zarr.json"):
             problem.repaired = _rewrite_group(store, path)
+            parts = path.split("/")
+            if problem.repaired and len(parts) == 6 and parts[0] == "features":
+                consolidated.add(path[: -len("/zarr.json")])  # a setting group: xarray's copy too
         elif path.startswith("datasets/"):
             path = "/".join(path.split("/")[:4])  # the whole table: the next extract writes it again
             for key in store.objects.list(path):
@@ -437,6 +477,14 @@ def _repair(store: FeatureStore, checks: list[SettingCheck], problems: list[Obje
     for key in bad_entries:
         if not any(c.repaired and catalog.entry_key(c.settings_hash) == key for c in checks):
             store.objects.delete(key)  # a damaged entry of no readable array
+    for group in sorted(consolidated - {c.path.rsplit("/", 1)[0] for c in checks if c.repaired}):
+        try:
+            consolidate(store, group)
+        except Exception as e:  # noqa: BLE001 - a member's own metadata is damaged: nothing to copy from
+            logger.warning("%s: consolidated metadata not rewritten (%s)", group, first_line(e))
+            for problem in problems:
+                if problem.path == f"{group}/zarr.json":
+                    problem.repaired = False
     if whole_store and all(c.readable for c in checks):
         root = zarr.open_group(store=store.zarr_store, mode="r+")
         attrs = dict(root.attrs).get("diffeat")
@@ -504,4 +552,5 @@ def _repair_setting(store: FeatureStore, check: SettingCheck) -> None:
             array.attrs["diffeat"] = meta
             catalog.put_entry(store.objects, catalog.make_entry(check.path, meta, tuple(array.shape),
                                                                 str(array.dtype), stored_bytes=stored))
+    consolidate(store, group)  # xarray's view of the setting (its status, its ledger) follows the arrays
     check.repaired = True
