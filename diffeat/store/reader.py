@@ -233,11 +233,15 @@ class FeatureStore:
                 raise StoreError(f"feature store {self.location}: {problem}; run `diffeat verify --repair`") from None
             self.root, self.root_problem, fmt = None, problem, STORE_FORMAT
         if fmt is None:
-            raise StoreError(f"{self.location} is a Zarr group but not a diffeat feature store (no attrs.diffeat)")
-        if not isinstance(fmt, int) or isinstance(fmt, bool) or fmt > STORE_FORMAT:
-            raise StoreError(
-                f"{self.location} has store format {fmt!r}; this diffeat reads format {STORE_FORMAT}: upgrade diffeat"
-            )
+            problem = f"{self.location} is a Zarr group but not a diffeat feature store (no attrs.diffeat)"
+        elif not isinstance(fmt, int) or isinstance(fmt, bool) or fmt > STORE_FORMAT:
+            problem = (f"{self.location} has store format {fmt!r}; this diffeat reads format {STORE_FORMAT}: "
+                       "upgrade diffeat")
+        else:
+            return
+        if not damaged_ok:
+            raise StoreError(problem)
+        self.root_problem = f"the root attributes do not describe a format {STORE_FORMAT} feature store ({problem})"
 
     def __repr__(self) -> str:
         return f"FeatureStore({self.location!r}, mode={self.mode!r})"

@@ -232,7 +232,7 @@ def _read_metadata(store: FeatureStore, keys: dict[str, int], problems: list[Obj
                 problems.append(ObjectProblem(key, f"consolidated metadata of {name!r} differs from "
                                                    f"{folder}{name}/zarr.json"))
     root = out.get("zarr.json")
-    if root is not None:
+    if root is not None and store.root_problem is None:
         attrs = (root.get("attributes") or {}).get("diffeat")
         if not isinstance(attrs, dict) or attrs.get("store_format") != STORE_FORMAT or \
                 attrs.get("catalog") not in (None, 1):
