@@ -38,8 +38,8 @@ def import_features(source, store, storage_options, dataset, split, root, classe
       diffeat import --store feats.zarr --dataset cub --split test --name resnet50 features.npy
       diffeat import --store feats.zarr --dataset cub --root /data/CUB_200_2011 --split test --name r50 r50.npy
     """
-    from diffeat.runtime.checks import check_name
     from diffeat.store.imports import import_features as run_import
+    from diffeat.store.layout import check_name
 
     for value, what in ((name, "import"), (model, "model"), (dataset, "dataset"), (split, "split")):
         check_name(value, what)  # before anything is opened or created

@@ -429,6 +429,12 @@ class FeatureStore:
             meta = dict(array.attrs).get("diffeat")
         except Exception as e:  # noqa: BLE001 - attributes of a damaged zarr.json
             raise damaged(info.path, f"its attributes are unreadable ({type(e).__name__})") from None
+        status = meta.get("status") if isinstance(meta, dict) else None
+        if require_complete and status != "complete":
+            raise StoreError(
+                f"features {info.path} are not complete (status {status!r}): finish them with "
+                "`diffeat extract` (it resumes) before reading"
+            )
         problems = setting_problems(info.path, meta, tuple(array.shape), str(array.dtype))
         if not problems:
             listed = {k: getattr(info, k) for k in ("model", "dataset", "split", "block", "t", "pool", "name")}
@@ -439,11 +445,6 @@ class FeatureStore:
             more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
             raise StoreError(f"features {info.path} cannot be trusted: {problems[0]}{more}; run `diffeat verify`")
         info = dataclasses.replace(info, status=meta["status"])  # the array is the truth
-        if require_complete and info.status != "complete":
-            raise StoreError(
-                f"features {info.path} are not complete (status {info.status!r}): finish them with "
-                "`diffeat extract` (it resumes) before reading"
-            )
         if info.status == "complete":
             self._check_ledger(info.path, array, meta)
         ids, labels, classes = self.sample_table(dataset, split, meta.get("manifest_sha256"))
