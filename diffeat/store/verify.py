@@ -158,11 +158,15 @@ def verify(store: FeatureStore, *, settings: list[str] | None = None, repair: bo
     good_entries, bad_entries = catalog.read_entries(store.objects)
     hashes = {p: _folder_hash(metadata.get(f"{p}/zarr.json")) for p in paths}
     selected = select(paths, hashes, settings)
+    skip_keys: dict[str, list[str]] = {}  # settings hash -> its skip records (one pass over the listing)
+    for key in keys:
+        if key.startswith(f"{SKIPPED}/") and key.count("/") == 2:
+            skip_keys.setdefault(key.split("/")[1], []).append(key)
     checks: list[SettingCheck] = []
     model_hashes: dict[str, set[str]] = {}
     bar = Progress(len(selected), "verify", enabled=progress)
     for path in selected:
-        check, model, model_hash = _check_setting(store, path, good_entries, keys)
+        check, model, model_hash = _check_setting(store, path, good_entries, keys, skip_keys)
         if model_hash:
             model_hashes.setdefault(model, set()).add(model_hash)
         checks.append(check)
@@ -252,8 +256,8 @@ def _same_array_metadata(a: Any, b: Any) -> bool:
 
 # -- settings ---------------------------------------------------------------------------------------
 
-def _check_setting(store: FeatureStore, path: str, entries: dict[str, dict], keys: dict[str, int]
-                   ) -> tuple[SettingCheck, str, str | None]:
+def _check_setting(store: FeatureStore, path: str, entries: dict[str, dict], keys: dict[str, int],
+                   skip_keys: dict[str, list[str]]) -> tuple[SettingCheck, str, str | None]:
     """One setting's check, its model name and its recorded weights hash."""
     group = path.rsplit("/", 1)[0]
     label = group.rsplit("/", 1)[-1]
@@ -283,7 +287,7 @@ def _check_setting(store: FeatureStore, path: str, entries: dict[str, dict], key
     if check.status == "complete" and not (flags == 1).all():
         check.problems.append(f"status is complete but {int((flags != 1).sum())} units are not flagged")
 
-    skips = _unit_skips(store, check.settings_hash, keys, check)
+    skips = _unit_skips(store, skip_keys.get(check.settings_hash, []), check)
     recorded = meta.get("skipped") or []
     if check.status == "complete" and _skip_rows(recorded) != sorted(r for rows in skips.values() for r in rows):
         check.problems.append(f"attrs.skipped lists {len(recorded)} rows, the skip records of its units "
@@ -363,13 +367,10 @@ def _read_flags(store: FeatureStore, group: str, n_units: int, check: SettingChe
     return flags
 
 
-def _unit_skips(store: FeatureStore, digest: str, keys: dict[str, int], check: SettingCheck) -> dict[int, list[int]]:
-    """``{unit: [rows]}`` from the setting's skip records (a damaged record is reported)."""
+def _unit_skips(store: FeatureStore, keys: list[str], check: SettingCheck) -> dict[int, list[int]]:
+    """``{unit: [rows]}`` from the setting's skip records ``keys`` (a damaged record is reported)."""
     out: dict[int, list[int]] = {}
-    if not digest:
-        return out
-    prefix = f"{SKIPPED}/{digest}/"
-    for key, data in store.objects.get_many([k for k in keys if k.startswith(prefix)]).items():
+    for key, data in store.objects.get_many(keys).items():
         try:
             record = json.loads(data)
             out[int(record["unit"])] = sorted(int(r["row"]) for r in record["rows"])
