@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from diffeat.errors import DiffeatError
 from diffeat.extract import extract
 
 TINY = ["--dataset", "digits", "--model", "random:tiny", "--block", "3", "--t", "90", "--split", "test",
@@ -193,3 +194,28 @@ def test_a_full_disk_is_one_line_and_leaves_no_temp_file_or_claim(tmp_path):
     assert len(errors) == 1 and "no space left writing feature store" in errors[0], output[-3000:]
     assert "Traceback" not in output
     assert "TMP " not in output and "CLAIM " not in output, output[-3000:]
+
+
+def test_a_corrected_import_replaces_one_an_earlier_diffeat_left_unfinished(stores, tmp_path):
+    """Issue 16: an import refused for its NaN after creating its array left it `in_progress` with a claim, and the
+    corrected import was then refused as "different contents". Now the values are checked before anything is
+    written, and an unfinished import of that name (as an earlier diffeat left it) is replaced."""
+    from diffeat.store import open_store
+    from diffeat.store.imports import import_features
+    from diffeat.store.writer import SettingWriter
+
+    store = Path(shutil.copytree(stores["store"], tmp_path / "s.zarr"))
+    fs = open_store(str(store), mode="a")
+    meta = {"settings": {"import": "feat"}, "settings_hash": "0" * 64,
+            "setting": {"model": "external", "dataset": "digits", "split": "test", "block": None, "t": None,
+                        "pool": None, "name": "feat"}}
+    SettingWriter.open(fs, "features/external/digits/test/feat", (8, 4), "float16", meta, "import feat")
+    bad = np.ones((8, 4), np.float32)
+    bad[2, 1] = np.inf
+    before = _snapshot(store)
+    with pytest.raises(DiffeatError, match=r"rows \[2\] hold NaN, inf") as e:
+        import_features(fs, "digits", "test", "feat", bad)
+    assert "the model" not in str(e.value) and _snapshot(store) == before
+    result = import_features(fs, "digits", "test", "feat", np.ones((8, 4), np.float32))
+    assert result.outcome == "written" and result.info.status == "complete"
+    assert np.asarray(fs.open_features(dataset="digits", split="test", name="feat").load()).shape == (8, 4)
