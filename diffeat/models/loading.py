@@ -46,6 +46,7 @@ from diffeat.models.families.pixel_unet import (
     build_random,
     load_unet,
 )
+from diffeat.runtime.checks import check_choice
 
 __all__ = ["ARCHITECTURES", "BUILTIN_MODELS", "LoadedModel", "build_random", "load_model", "safe_name",
            "weights_sha256"]
@@ -180,8 +181,7 @@ def _load_cached_hub(repo_id: str, dtype: torch.dtype | None) -> FeatureModel:
 def build_random_model(arch: str, device: str = "cpu") -> FeatureModel:
     """``random:<arch>`` of any family, with seeded random weights built on ``device`` ("meta": shapes only)."""
     families = random_architectures()
-    if arch not in families:
-        raise ModelError(f"unknown architecture {arch!r}; choose one of: {_random_names()}")
+    check_choice(arch, sorted(families), "random:<arch>", error=ModelError)
     return families[arch].architectures[arch](device)
 
 

@@ -22,15 +22,21 @@ import numpy as np
 
 from diffeat import __version__
 from diffeat.errors import StoreError
-from diffeat.store.layout import check_name, plan_chunks, setting_path, settings_hash
-from diffeat.store.reader import FeatureStore, SettingInfo
+from diffeat.runtime.checks import check_choice
 from diffeat.store.catalog import entry_key
+from diffeat.store.layout import (
+    STORE_DTYPES,
+    check_name,
+    plan_chunks,
+    setting_path,
+    settings_hash,
+)
+from diffeat.store.reader import FeatureStore, SettingInfo
 from diffeat.store.writer import SettingWriter
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "external"
-STORE_DTYPES = ("float16", "float32")
 
 
 @dataclass(frozen=True)
@@ -112,8 +118,7 @@ def import_features(store: FeatureStore, dataset: str, split: str, name: str, ar
     check_name(model, "model")
     if store.mode != "a":
         raise StoreError(f"{store.location} is open read-only; importing needs mode='a'")
-    if store_dtype not in STORE_DTYPES:
-        raise StoreError(f"store dtype {store_dtype!r} is not one of {', '.join(STORE_DTYPES)}")
+    check_choice(store_dtype, STORE_DTYPES, "--store-dtype")
     shape = tuple(int(v) for v in array.shape)
     if len(shape) not in (2, 4) or not np.issubdtype(np.dtype(array.dtype), np.number):
         raise StoreError(f"features to import must be a numeric (N, D) or (N, C, k, k) array, got shape {shape} "
