@@ -10,8 +10,6 @@ import shutil
 
 import pytest
 import torch
-from tiny_pipelines import BUILDERS
-
 from diffeat.errors import DiffeatError, ModelError
 from diffeat.models.families import FAMILIES, family_for
 from diffeat.models.families.base import tokens_to_grid
@@ -20,12 +18,6 @@ from diffeat.models.loading import load_model
 #: pipeline -> (family, blocks in its table, a middle block)
 EXPECTED = {"sd": ("latent-unet", 9, 5), "sdxl": ("latent-unet", 9, 5), "dit": ("dit", 4, 2),
             "pixart": ("pixart", 3, 1), "sd3": ("sd3", 3, 1)}
-
-
-@pytest.fixture(scope="session")
-def pipeline_dirs(tmp_path_factory):
-    root = tmp_path_factory.mktemp("pipelines")
-    return {name: build(root / name) for name, build in BUILDERS.items()}
 
 
 @pytest.fixture(scope="session")

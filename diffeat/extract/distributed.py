@@ -102,7 +102,7 @@ def _work_for(job: SplitJob) -> tuple[SplitWork, bool]:
     # Dask workers are daemonic processes, which may not start loader processes of their own.
     num_workers = 0 if multiprocessing.current_process().daemon else (
         c.num_workers if c.num_workers is not None else default_workers(dev))
-    work = SplitWork(c, loaded.unet, tab, writers, job.res, dev, num_workers, ForwardCache(), progress=False)
+    work = SplitWork(c, loaded.model, tab, writers, job.res, dev, num_workers, ForwardCache(), progress=False)
     _WORKER_CACHE[key] = work
     return work, True
 

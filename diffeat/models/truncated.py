@@ -136,6 +136,8 @@ def _steps(unet: nn.Module) -> list[tuple[str, int, tuple[nn.Module | None, ...]
 class TruncatedUNet(nn.Module):
     """``unet`` as a plain module returning ``{block: activation}`` for ``blocks``, stopping after the deepest.
 
+    ``compilable``: ``torch.compile`` traces it into one graph (``HookedForward`` is not).
+
     Built once per (model, blocks); call it as ``fwd(x, t)`` with ``t`` an int, a
     0-d tensor or one timestep per sample. ``UNet2DConditionModel`` gets all-zero
     ``encoder_hidden_states`` (one token) unless they are passed.
@@ -176,6 +178,8 @@ class TruncatedUNet(nn.Module):
         self._up_factor = 2 ** sum(1 for level in unet.up_blocks if level.upsamplers is not None)
         dim = getattr(unet.config, "cross_attention_dim", None)
         self._cross_dim = (dim[0] if isinstance(dim, (list, tuple)) else dim) if self.conditional else None
+
+    compilable = True
 
     def extra_repr(self) -> str:
         return f"blocks={self.blocks}, steps={len(self._steps)}, kept_skips={self.kept_skips}"
@@ -258,6 +262,8 @@ class TruncatedUNet(nn.Module):
 
 class HookedForward(nn.Module):
     """The fallback for U-Nets ``TruncatedUNet`` does not know: ``capture_blocks`` (hooks, early exit)."""
+
+    compilable = False  # the exception that stops it is a graph break; hooks are opaque to torch.compile
 
     def __init__(self, unet: nn.Module, blocks: Sequence[int]):
         super().__init__()

@@ -53,6 +53,9 @@ class FeatureModel(Protocol):
     def check_resolution(self, resolution: int) -> None:
         """Raise a one-line ``DiffeatError`` if the model cannot take ``resolution`` pixels."""
 
+    def check_unconditional(self) -> None:
+        """Raise a one-line ``ModelError`` if the model has no unconditional input (a class label it needs)."""
+
     def input_shape(self, resolution: int) -> tuple[int, int, int]:
         """(C, h, w) of the model input for an image of ``resolution`` pixels: the shape noise is drawn in."""
 
@@ -121,6 +124,36 @@ def check_block_numbers(blocks: Sequence[int], first: int, last: int) -> None:
         raise DiffeatError("no block requested")
 
 
+def block_info(table: Sequence[BlockInfo], block: int) -> BlockInfo:
+    """The row of ``table`` for ``block`` (tables start at block 1, or 0 for transformers)."""
+    for info in table:
+        if info.index == block:
+            return info
+    check_block_numbers([block], table[0].index, table[-1].index)
+    raise ModelError(f"internal: block {block} missing from a table of blocks {table[0].index}..{table[-1].index}")
+
+
+def check_table_blocks(blocks: Sequence[int], table: Sequence[BlockInfo]) -> None:
+    """Refuse blocks the table does not have, naming the valid range (U-Nets: the message they always had)."""
+    if table[0].index == 1:
+        from diffeat.models.blocks import check_blocks
+
+        check_blocks(list(blocks), len(table))
+    else:
+        check_block_numbers(list(blocks), table[0].index, table[-1].index)
+
+
+def default_block(model: FeatureModel, table: Sequence[BlockInfo]) -> int:
+    """A mid-depth block: the paper's 24 on ADM-sized pixel U-Nets, the middle block of other U-Nets,
+    transformer block depth/2 (14 of DiT-XL/2's 28)."""
+    if model.family == "pixel-unet" and len(table) >= 24:
+        return 24
+    for info in table:
+        if info.module == "mid_block":
+            return info.index
+    return (table[-1].index + 1) // 2
+
+
 def check_multiple(resolution: int, factor: int, why: str, native: int) -> None:
     """Refuse a resolution that is not a positive multiple of ``factor`` (one line, with the reason)."""
     if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution <= 0 or resolution % factor:
@@ -144,6 +177,9 @@ class LatentInput:
 
     def _factor(self) -> tuple[int, str]:
         raise NotImplementedError
+
+    def check_unconditional(self) -> None:
+        """Nothing to do: the family's constructor already refused a model without a null condition."""
 
     def check_resolution(self, resolution: int) -> None:
         """Pixels must divide into latents (the VAE's factor) that the denoiser can take."""

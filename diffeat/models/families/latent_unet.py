@@ -123,6 +123,7 @@ class ConditionedUNet(nn.Module):
         self.inner = inner
         self.unet = inner.unet
         self.blocks = inner.blocks
+        self.compilable = inner.compilable
         self.register_buffer("encoder_hidden_states", conditioning.tensors["encoder_hidden_states"], persistent=False)
         text_embeds = conditioning.tensors.get("text_embeds")
         self.register_buffer("text_embeds", text_embeds, persistent=False)

@@ -118,6 +118,12 @@ class PixelUNet:
 
         check_resolution(self.denoiser, resolution)
 
+    def check_unconditional(self) -> None:
+        """Class-conditional U-Nets are refused: a label would leak the answer into the features."""
+        from diffeat.models.blocks import model_inputs
+
+        model_inputs(self.denoiser, 1, "cpu", torch.float32)
+
     def input_shape(self, resolution: int) -> tuple[int, int, int]:
         """The image itself: (in_channels, R, R)."""
         return (int(self.denoiser.config.in_channels), resolution, resolution)

@@ -37,6 +37,8 @@ class TruncatedTransformer(nn.Module):
     conditioning is held as buffers and expanded to the batch at each call.
     """
 
+    compilable = True
+
     def __init__(self, model: nn.Module, blocks: Sequence[int], conditioning: Conditioning,
                  schedule: NoiseSchedule, pixel_scale: int = 8):
         super().__init__()
