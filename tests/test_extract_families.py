@@ -197,3 +197,38 @@ def test_bad_options_are_refused_before_any_image_is_read(pipeline_dirs, store_p
     with pytest.raises(DiffeatError, match=match):
         extract(**options)
     assert not any(Path(store_path).glob("features/*"))
+
+
+def test_bench_runs_a_latent_transformer_and_counts_its_vae(tmp_path):
+    from diffeat.cli.bench import format_result
+    from diffeat.extract.bench import bench
+    from diffeat.models.flops import count_model_flops, count_vae_flops
+    from diffeat.models.loading import load_model
+
+    r = bench(arch="tiny-dit", device="cpu", images=16, batch_size=8, warmup=0, iters=1, image_size=(80, 60))
+    model = load_model("random:tiny-dit", device="meta").model
+    assert (r["family"], r["block"], r["module"], r["block_shape"]) == ("dit", 2, "transformer_blocks.1", [16, 4, 4])
+    assert r["gflop_per_image"] == count_model_flops(model, 64, 2) / 1e9 < r["gflop_per_image_full"]
+    assert r["gflop_per_image_vae"] == count_vae_flops(model, 64) / 1e9 > 0
+    assert r["loop"]["batches"] == 2 and r["loop"]["truncated"] and r["naive"]["images_per_s"] > 0
+    assert "VAE encoder (in the loop only)" in format_result(r)
+
+
+@pytest.mark.parametrize("name, arch, expect", [
+    ("sd21_fgvc", "sd21-unet", {19: "up_blocks.1", 13: "mid_block"}),  # DIFT's up_ft_index=1, the middle block
+    ("dit_imagenet50", "dit-xl2", {14: "transformer_blocks.13", 28: "transformer_blocks.27"}),
+])
+def test_the_family_pipelines_name_blocks_their_models_have(name, arch, expect):
+    from diffeat.models.families.base import block_info, check_table_blocks
+    from diffeat.models.loading import load_model
+    from diffeat.pipelines import load_pipeline
+
+    path = Path(__file__).resolve().parent.parent / "pipelines" / f"{name}.yaml"
+    nulls = {k: f"/dummy/{k}" for k, v in load_pipeline(path, environ={}).variables.items() if v is None}
+    extracts = [i.arguments() for i in load_pipeline(path, nulls, environ={}).instances() if i.kind.name == "extract"]
+    assert extracts
+    table = load_model(f"random:{arch}", device="meta").model.block_table(extracts[0].get("resolution"))
+    for args in extracts:
+        check_table_blocks(args["blocks"], table)
+    for block, module in expect.items():
+        assert block_info(table, block).module == module
