@@ -120,6 +120,9 @@ def load_component(folder: Path, index: dict, name: str, *, dtype: torch.dtype |
     if cls.__name__.endswith(("Tokenizer", "TokenizerFast")):
         try:
             return cls.from_pretrained(str(sub), local_files_only=True)
+        except ImportError as e:  # a folder with only spiece.model needs sentencepiece to build the fast tokenizer
+            raise ModelError(f"could not load the tokenizer in {sub}: {e} (a T5 tokenizer folder without "
+                             "tokenizer.json needs `pip install sentencepiece protobuf`)") from e
         except (OSError, ValueError, TypeError) as e:
             raise ModelError(f"could not load the tokenizer in {sub}: {e}") from e
     kwargs: dict = {"local_files_only": True, "output_loading_info": True}

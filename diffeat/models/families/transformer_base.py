@@ -49,6 +49,11 @@ class TruncatedTransformer(nn.Module):
         self.blocks = tuple(blocks)
         self.deepest = self.blocks[-1]
         self.schedule = schedule
+        # What the network is given per training timestep (flow matching: σ_t·N), as a buffer: no host
+        # copy per call, and a constant for torch.compile. None: t itself (DDPM).
+        table = (schedule.model_timesteps(torch.arange(schedule.num_train_timesteps))
+                 if schedule.kind == "flow" else None)
+        self.register_buffer("model_timesteps", table, persistent=False)
         self.patch = int(model.config.patch_size)
         self.pixel_scale = pixel_scale  # pixels per latent, per side (resolution micro-conditions)
         self._cond_keys = tuple(sorted(conditioning.tensors))
@@ -75,7 +80,9 @@ class TruncatedTransformer(nn.Module):
             timestep = torch.tensor([timestep], device=sample.device)
         if timestep.dim() == 0:
             timestep = timestep[None]
-        timestep = self.schedule.model_timesteps(timestep.expand(sample.shape[0]).to(sample.device))
+        timestep = timestep.expand(sample.shape[0]).to(sample.device)
+        if self.model_timesteps is not None:
+            timestep = self.model_timesteps.to(timestep.device)[timestep.long()]
         h, w = sample.shape[-2] // self.patch, sample.shape[-1] // self.patch
         hidden, ctx = self.embed(sample, timestep)
         out: dict[int, torch.Tensor] = {}
