@@ -10,6 +10,7 @@ import shutil
 
 import pytest
 import torch
+
 from diffeat.errors import DiffeatError, ModelError
 from diffeat.models.families import FAMILIES, family_for
 from diffeat.models.families.base import tokens_to_grid
