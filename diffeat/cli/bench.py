@@ -78,13 +78,14 @@ def format_result(r: dict) -> str:
         (f"FLOPs: {r['gflop_per_image']:.2f} GFLOP/img truncated, {r['gflop_per_image_full']:.2f} full forward"
          + (f", {r['gflop_per_image_vae']:.2f} VAE encoder (in the loop only)" if r["gflop_per_image_vae"] else "")),
         "",
-        f"{'':28s}{'img/s':>10s}{'TFLOP/s':>10s}",
-        f"{'forward (truncated)':28s}{r['forward']['images_per_s']:>10.1f}{r['achieved_tflops']:>10.3f}{peak}",
-        f"{'whole extract loop':28s}{loop['images_per_s']:>10.1f}{r['loop_tflops']:>10.3f}",
-        (f"{'naive (full fp32 + hook)':28s}{r['naive']['images_per_s']:>10.1f}{r['naive_tflops']:>10.3f}"
-         f"   (batch {r['naive']['batch_size']})"),
+        f"{'':28s}{'img/s':>10s}{'best':>10s}{'CPU ms/img':>12s}{'TFLOP/s':>10s}",
+        _phase("forward (truncated)", r["forward"], r["achieved_tflops"]) + peak,
+        _phase("whole extract loop", loop, r["loop_tflops"]),
+        _phase("naive (full fp32 + hook)", r["naive"], r["naive_tflops"]) + f"   (batch {r['naive']['batch_size']})",
+        "(img/s: median call, or median loop round; best: fastest; phases alternated, see docs/performance.md)",
         "",
-        (f"loop / forward {ratios['loop_over_forward']:.2f}   forward / naive {ratios['forward_over_naive']:.2f}   "
+        (f"loop / forward {ratios['loop_over_forward']:.2f} (CPU {ratios['loop_over_forward_cpu']:.2f})   "
+         f"forward / naive {ratios['forward_over_naive']:.2f} (CPU {ratios['forward_over_naive_cpu']:.2f})   "
          f"loop / naive {ratios['loop_over_naive']:.2f}"),
         (f"loop: {r['images']} JPEGs {r['image_size'][0]}x{r['image_size'][1]}, {loop['num_workers']} workers; "
          f"end to end {loop['images_per_s_end_to_end']:.1f} img/s ({loop['seconds_end_to_end']:.1f} s with model "
@@ -102,3 +103,8 @@ def format_result(r: dict) -> str:
             mem = f"  {row['peak_memory_mib']:.0f} MiB" if row.get("peak_memory_mib") else ""
             lines.append(f"  {row['step']:40s}{row['images_per_s']:>10.1f}  x{row['images_per_s'] / base:.2f}{mem}")
     return "\n".join(lines)
+
+
+def _phase(name: str, p: dict, tflops: float) -> str:
+    return (f"{name:28s}{p['images_per_s']:>10.1f}{p['images_per_s_best']:>10.1f}{1000 * p['cpu_s_per_image']:>12.2f}"
+            f"{tflops:>10.3f}")

@@ -86,17 +86,52 @@ def _sync(dev: torch.device) -> None:
 
 def time_it(fn: Callable[[], object], dev: torch.device, warmup: int, iters: int) -> list[float]:
     """Seconds per call of ``fn`` over ``iters`` calls after ``warmup`` untimed ones (device synchronised)."""
+    return [wall for wall, _ in time_calls(fn, dev, warmup, iters)]
+
+
+def time_calls(fn: Callable[[], object], dev: torch.device, warmup: int, iters: int) -> list[tuple[float, float]]:
+    """``(wall, cpu)`` seconds per call of ``fn`` over ``iters`` calls after ``warmup`` untimed ones.
+
+    CPU time is this process's (all its threads): on a machine other jobs share, it shows
+    the work a call costs where wall time shows how long it waited too.
+    """
     for _ in range(warmup):
         fn()
     _sync(dev)
-    times = []
+    out = []
     for _ in range(iters):
         _sync(dev)
-        start = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         fn()
         _sync(dev)
-        times.append(time.perf_counter() - start)
-    return times
+        out.append((time.perf_counter() - wall, time.process_time() - cpu))
+    return out
+
+
+def interleaved(phases: dict[str, tuple[Callable[[], object], Callable[[], None]]], dev: torch.device,
+                warmup: int, iters: int, rounds: int = 3) -> dict[str, list[tuple[float, float]]]:
+    """Time several phases alternately (A, B, A, B ...): ``rounds`` rounds of about ``iters / rounds`` calls each.
+
+    ``phases`` maps a name to ``(call, setup)``; ``setup`` runs before each round of that
+    phase (a memory-format switch, say). Timed one after the other, a phase that happened to
+    run while another job held the cores would look slower than it is; alternated, every
+    phase sees the same machine. Returns ``(wall, cpu)`` per call for each phase.
+    """
+    per_round = max(1, -(-iters // rounds))
+    out: dict[str, list[tuple[float, float]]] = {name: [] for name in phases}
+    for r in range(rounds):
+        for name, (call, setup) in phases.items():
+            setup()
+            out[name] += time_calls(call, dev, warmup if r == 0 else 1, per_round)
+    return out
+
+
+def phase_rates(calls: list[tuple[float, float]], images: int) -> dict:
+    """Images/s at the median and the best call, and CPU seconds per image (median), of one phase."""
+    walls, cpus = [w for w, _ in calls], [c for _, c in calls]
+    return {"images_per_s": images / statistics.median(walls), "images_per_s_best": images / min(walls),
+            "median_batch_s": statistics.median(walls), "min_batch_s": min(walls),
+            "cpu_s_per_image": statistics.median(cpus) / images, "calls": len(calls)}
 
 
 def _naive_runner(model: FeatureModel, module_name: str, x: torch.Tensor, t: torch.Tensor
@@ -244,25 +279,35 @@ def bench(
     size = image_size or (2 * res, 3 * res // 2)
     with tempfile.TemporaryDirectory(prefix="diffeat-bench-", dir=workdir) as tmp:
         root = write_images(Path(tmp) / "images", images, size)
-        start = time.perf_counter()
-        with observe_loop() as runs:
-            report = extract(dataset="imagefolder", root=str(root), splits=["train"], model=spec, blocks=[block],
-                             ts=[t], pools=[1], store=str(Path(tmp) / "feats.zarr"), batch_size=batch_size,
-                             device=str(dev), dtype=dtype, num_workers=num_workers, resolution=res,
-                             compile=compile, progress=False)
-        wall = time.perf_counter() - start
-    loop = _loop_rates(runs, report, wall)
-    if cuda:
-        torch.cuda.empty_cache()
 
-    # 2. the forward and the naive baseline, as the loop ran: same batch, micro-batch, threads
-    threads = torch.get_num_threads()
-    torch.set_num_threads(loop["threads"])
-    try:
-        timed = _time_forwards(spec, block, info.module, t, res, dtype, dev, loop["batch_size"],
-                               loop["micro_batch"], compile, warmup, iters, ablation)
-    finally:
-        torch.set_num_threads(threads)
+        def loop_round(r: int) -> dict:
+            wall, cpu = time.perf_counter(), _cpu_seconds()
+            with observe_loop() as runs:
+                report = extract(dataset="imagefolder", root=str(root), splits=["train"], model=spec,
+                                 blocks=[block], ts=[t], pools=[1], store=str(Path(tmp) / f"feats{r}.zarr"),
+                                 batch_size=batch_size, device=str(dev), dtype=dtype, num_workers=num_workers,
+                                 resolution=res, compile=compile, progress=False)
+            rates = _loop_rates(runs, report, time.perf_counter() - wall)
+            rates["cpu_s_per_image"] = (_cpu_seconds() - cpu) / max(1, report.images)
+            if cuda:
+                torch.cuda.empty_cache()
+            return rates
+
+        # 1. the whole loop: the real extract() over JPEG files into a zarr store; run again after
+        # 2. (the forward and the naive baseline, alternated), so the loop too is measured on both
+        # sides of the others on a machine whose load changes.
+        loops = [loop_round(0)]
+        threads = torch.get_num_threads()
+        torch.set_num_threads(loops[0]["threads"])  # as the loop ran: same batch, micro-batch, threads
+        try:
+            timed = _time_forwards(spec, block, info.module, t, res, dtype, dev, loops[0]["batch_size"],
+                                   loops[0]["micro_batch"], compile, warmup, iters, ablation)
+        finally:
+            torch.set_num_threads(threads)
+        loops.append(loop_round(1))
+    loop = {**loops[0], "images_per_s": statistics.median(r["images_per_s"] for r in loops),
+            "images_per_s_best": max(r["images_per_s"] for r in loops),
+            "cpu_s_per_image": statistics.median(r["cpu_s_per_image"] for r in loops), "rounds": len(loops)}
     forward, naive = timed["forward"], timed["naive"]
     flops, flops_full, flops_vae = timed["flops"], timed["flops_full"], timed["flops_vae"]
 
@@ -284,6 +329,9 @@ def bench(
             "loop_over_forward": loop["images_per_s"] / forward["images_per_s"],
             "forward_over_naive": forward["images_per_s"] / naive["images_per_s"],
             "loop_over_naive": loop["images_per_s"] / naive["images_per_s"],
+            # CPU seconds per image: what each costs whatever else the machine ran meanwhile
+            "loop_over_forward_cpu": forward["cpu_s_per_image"] / loop["cpu_s_per_image"],
+            "forward_over_naive_cpu": naive["cpu_s_per_image"] / forward["cpu_s_per_image"],
         },
         "cosine": timed["cosine"], "ablation": timed["ablation"],
     }
@@ -320,35 +368,64 @@ def _time_forwards(spec: str, block: int, module_name: str, t: int, res: int, dt
     start = time.perf_counter()
     _micro_runner(prepared.call, x[:micro], tt[:micro], micro, autocast)()  # compiles, when compiled
     first_call = time.perf_counter() - start
-    times = time_it(_micro_runner(prepared.call, x, tt, micro, autocast), dev, warmup, iters)
-    forward = {"images_per_s": rows / statistics.median(times), "median_batch_s": statistics.median(times),
-               "first_call_s": first_call, "peak_memory_mib": peak_mib()}
     cosine = _cosines(prepared.fwd, x, tt, block, micro, dtype, dev) if dtype != "float32" else None
 
     # The naive baseline: full fp32 forward, a hook, no early exit, no autocast, default memory format.
-    unet.to(memory_format=torch.contiguous_format)
-    naive_batch, naive = batch_size, None
-    while naive is None:
-        xn = x[:naive_batch].contiguous()
+    # The full fp32 forward keeps every skip: it may not fit the forward's batch.
+    naive_batch = _naive_batch(model, module_name, x, tt, batch_size, dev)
+    xn = x[:naive_batch].contiguous()
+
+    def as_forward() -> None:
+        unet.to(memory_format=torch.channels_last if cuda else torch.contiguous_format)
+
+    def as_naive() -> None:
+        unet.to(memory_format=torch.contiguous_format)
+
+    phases = {"forward": (_micro_runner(prepared.call, x, tt, micro, autocast), as_forward),
+              "naive": (_naive_runner(model, module_name, xn, tt[:naive_batch]), as_naive)}
+    peaks = {}
+    for name, (call, setup) in phases.items():  # each phase's own peak memory, before the timed rounds
+        setup()
         if cuda:
-            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(dev)
-        try:
-            times = time_it(_naive_runner(model, module_name, xn, tt[:naive_batch]), dev, warmup, iters)
-            naive = {"images_per_s": naive_batch / statistics.median(times),
-                     "median_batch_s": statistics.median(times), "batch_size": naive_batch,
-                     "peak_memory_mib": peak_mib()}
-        except torch.OutOfMemoryError:
-            if naive_batch == 1:
-                raise
-            naive_batch //= 2  # the full fp32 forward keeps every skip: it may not fit the same batch
-        finally:
-            del xn
+        call()
+        peaks[name] = peak_mib()
+    calls = interleaved(phases, dev, warmup, iters)
+    forward = {**phase_rates(calls["forward"], rows), "first_call_s": first_call, "peak_memory_mib": peaks["forward"]}
+    naive = {**phase_rates(calls["naive"], naive_batch), "batch_size": naive_batch,
+             "peak_memory_mib": peaks["naive"]}
+    as_forward()
+    del xn
     steps = None
     if ablation:
         steps = _ablation(model, block, x, tt, micro, dtype, dev, warmup, iters, naive, forward, prepared.compiled)
     return {"forward": forward, "naive": naive, "cosine": cosine, "ablation": steps, "flops": flops,
             "flops_full": flops_full, "flops_vae": flops_vae, "family": model.family}
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds used so far by this process and its finished children (loader workers)."""
+    import resource
+
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
+def _naive_batch(model: FeatureModel, module_name: str, x: torch.Tensor, tt: torch.Tensor, batch_size: int,
+                 dev: torch.device) -> int:
+    """The largest batch (halving from ``batch_size``) the naive full fp32 forward runs at on ``dev``."""
+    if dev.type != "cuda":
+        return batch_size
+    batch = batch_size
+    while True:
+        torch.cuda.empty_cache()
+        try:
+            _naive_runner(model, module_name, x[:batch].contiguous(), tt[:batch])()
+            return batch
+        except torch.OutOfMemoryError:
+            if batch == 1:
+                raise
+            batch //= 2
 
 
 def _loop_rates(runs: list, report, wall: float) -> dict:

@@ -76,11 +76,37 @@ def run_extract(config: ExtractConfig, *, store: FeatureStore | None = None) -> 
     units over a cluster (``diffeat.extract.distributed``). ``config.chunk_rows`` forces
     smaller units.
     """
-    from diffeat.data import open_dataset
-    from diffeat.models.loading import load_model
-
     c = config
     dev = resolve_device(c.device)
+    tables = _sample_tables(c)
+    fs = as_store(store if store is not None else c.store, mode="a", storage_options=c.storage_options)
+    fs.check_writable()  # read-only credentials fail here, before the model is loaded
+    loaded, res, table = _load_checked(c)
+    report = ExtractReport(model=loaded.name, dataset=c.dataset, store=fs.location, config=c.as_dict())
+    run = _Run(c, fs, loaded, table, res, dev, ForwardCache())
+    start = time.perf_counter()
+    with cluster_client(c.scheduler, c.workers, resources={"GPU": 1} if dev.type == "cuda" else None) as client:
+        for tab in tables.values():
+            _extract_split(run, tab, report, client)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def check_extract(config: ExtractConfig) -> None:
+    """Every check ``run_extract`` makes before it computes, without writing anything (``diffeat run --dry-run``).
+
+    The device, the dataset's splits and files, the model, and the blocks and pool sizes
+    against the model's computed block table.
+    """
+    resolve_device(config.device)
+    _sample_tables(config)
+    _load_checked(config)
+
+
+def _sample_tables(c: ExtractConfig) -> dict[str, SampleTable]:
+    """The sample table of each split to extract (``--limit`` applied), every file checked to exist."""
+    from diffeat.data import open_dataset
+
     layout = open_dataset(c.dataset, c.root, classes=c.classes)
     split_names = list(c.splits) or list(layout.standard_splits)
     if split_names == ["all"]:
@@ -90,9 +116,12 @@ def run_extract(config: ExtractConfig, *, store: FeatureStore | None = None) -> 
         table = layout.samples(split)
         tables[split] = table.head(c.limit) if c.limit is not None else table
         tables[split].check_files()
+    return tables
 
-    fs = as_store(store if store is not None else c.store, mode="a", storage_options=c.storage_options)
-    fs.check_writable()  # read-only credentials fail here, before the model is loaded
+
+def _load_checked(c: ExtractConfig) -> tuple[LoadedModel, int, list[BlockInfo]]:
+    """The model, its input resolution and block table, with the blocks and pool sizes checked against it."""
+    from diffeat.models.loading import load_model
 
     loaded = load_model(c.model)
     model = loaded.model
@@ -103,15 +132,7 @@ def run_extract(config: ExtractConfig, *, store: FeatureStore | None = None) -> 
         model.schedule.check_timestep(t)  # the record checked 0..999; this is the model's own range
     _check_pools(table, c.blocks, c.pools, res)
     model.check_unconditional()  # refuses class-conditional models now, not mid-run
-
-    report = ExtractReport(model=loaded.name, dataset=c.dataset, store=fs.location, config=c.as_dict())
-    run = _Run(c, fs, loaded, table, res, dev, ForwardCache())
-    start = time.perf_counter()
-    with cluster_client(c.scheduler, c.workers, resources={"GPU": 1} if dev.type == "cuda" else None) as client:
-        for tab in tables.values():
-            _extract_split(run, tab, report, client)
-    report.seconds = time.perf_counter() - start
-    return report
+    return loaded, res, table
 
 
 @dataclass
@@ -188,7 +209,7 @@ def _extract_split(run: _Run, tab: SampleTable, report: ExtractReport, client: C
     at_open = {key: set(w.pending) for key, w in opened.items()}
     for w in opened.values():
         if not w.pending:
-            logger.info("cached: %s (%s)", w.path, w.label)
+            logger.debug("cached: %s (%s)", w.path, w.label)
     num_workers = c.num_workers if c.num_workers is not None else default_workers(run.dev)
     work = SplitWork(c, loaded.model, tab, opened, run.res, run.dev, num_workers, run.forwards, progress=c.progress)
     by_cluster: dict[str, int] = {}

@@ -100,10 +100,11 @@ def trained_heads(specs: list[HeadSpec], train_src: RowSource, test_src: RowSour
 
     torch.manual_seed(o.config.seed)
     trainers = make_trainers(points, shape, k, o.device)
-    logger.info("training %d heads in one pass: %s", len(points),
+    logger.debug("training %d heads in one pass: %s", len(points),
                 ", ".join(f"{s.name} x{sum(p.spec is s for p in points)}" for s in specs))
-    seconds = train(train_src, fit_rows, trainers, std_fit, epochs=epochs, batch_size=o.config.batch_size, seed=o.config.seed,
-                    device=o.device)
+    label = base.get("name") or f"b{base.get('block')}/t{base.get('t')}/p{base.get('pool')}"
+    seconds = train(train_src, fit_rows, trainers, std_fit, epochs=epochs, batch_size=o.config.batch_size,
+                    seed=o.config.seed, device=o.device, desc=f"probe {label}: grid", progress=o.config.progress)
     modules = exported(points, trainers)
     objectives = _objectives(points, modules, train_src, fit_rows, std_fit, o)
     y_val, val_top, val_loss = predict(train_src, val_rows, modules, std_fit, batch_size=max(o.config.batch_size, 1024),
@@ -115,9 +116,9 @@ def trained_heads(specs: list[HeadSpec], train_src: RowSource, test_src: RowSour
         diverged.append(not finite or (p.spec.convex and not np.isfinite(obj)))
         if diverged[-1]:
             # Too large a learning rate for these features: the head blew up. It stays in the
-            # grid (logged as diverged) but can never be chosen.
-            logger.warning("%s lr=%g wd=%g diverged (non-finite weights)", p.spec.name, p.lr, p.wd)
+            # grid (recorded as diverged) but can never be chosen.
             v.update(top1=float("nan"), top5=float("nan"), balanced_acc=float("nan"), loss=float("nan"))
+    _log_diverged(points, diverged, base)
     chosen: dict[str, int] = {}
     candidates: set[int] = set()
     for s in specs:
@@ -132,7 +133,8 @@ def trained_heads(specs: list[HeadSpec], train_src: RowSource, test_src: RowSour
         torch.manual_seed(o.config.seed + 1)
         refits = make_trainers(best, shape, k, o.device)
         seconds += train(train_src, rows_final, refits, std_all, epochs=epochs, batch_size=o.config.batch_size,
-                         seed=o.config.seed + 1, device=o.device)
+                         seed=o.config.seed + 1, device=o.device, desc=f"probe {label}: refit",
+                         progress=o.config.progress)
         finals = exported(best, refits)
     else:
         finals = [modules[i] for i in chosen.values()]
@@ -149,6 +151,18 @@ def trained_heads(specs: list[HeadSpec], train_src: RowSource, test_src: RowSour
                             n_params=count_parameters(module))
         results.append((result, Probe(Standardize(std_final.mean, std_final.inv_std), module).eval()))
     return results
+
+
+def _log_diverged(points: list[GridPoint], diverged: list[bool], base: dict) -> None:
+    """One warning per head whose grid has diverged points (they are kept in the results, never chosen)."""
+    for name in dict.fromkeys(p.spec.name for p in points):
+        idx = [i for i, p in enumerate(points) if p.spec.name == name]
+        bad = [points[i] for i in idx if diverged[i]]
+        if bad:
+            lrs = ", ".join(f"{lr:g}" for lr in sorted({p.lr for p in bad}))
+            label = base.get("name") or f"b{base.get('block')}/t{base.get('t')}/p{base.get('pool')}"
+            logger.warning("%s: %d of %d %s grid points diverged (lr %s): never chosen; --lr sets smaller rates",
+                           label, len(bad), len(idx), name, lrs)
 
 
 def _objectives(points: list[GridPoint], modules: list[torch.nn.Module], source: RowSource, fit_rows: np.ndarray,
