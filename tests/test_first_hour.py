@@ -11,7 +11,6 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import pytest
 from click.testing import CliRunner
 
 from diffeat.cli import main

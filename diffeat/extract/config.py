@@ -65,11 +65,9 @@ class ExtractConfig(StageConfig):
     on_bad_image: str = "fail"
 
     def __post_init__(self) -> None:
-        from diffeat.models.noise import check_timestep
-
-        from diffeat.store.location import check_location
-
         from diffeat.data.registry import DATASETS
+        from diffeat.models.noise import check_timestep
+        from diffeat.store.location import check_location
 
         self._set("store", check_location(self.store))
         check_choice(self.dataset, DATASETS, "--dataset", error=DatasetError)
