@@ -133,3 +133,19 @@ def test_a_root_above_the_dataset_names_the_one_missing_file(tmp_path):
         open_dataset("cub", tmp_path)
     first = str(e.value).splitlines()[0]
     assert f"{base} is missing classes.txt." in first and "images.txt" not in first
+
+
+def test_skip_on_the_latent_path_too(broken_cub, pipeline_dirs, tmp_path):
+    """A latent model's loader (image and noise, the VAE on the extract device) marks bad images the same way."""
+    from diffeat.extract import extract
+
+    root, bad_ids, _ = broken_cub
+    report = extract(dataset="cub", root=str(root), model=str(pipeline_dirs["sd"]), blocks=[5], ts=[90], pools=[1],
+                     store=str(tmp_path / "latent.zarr"), splits=["train"], batch_size=4, device="cpu",
+                     num_workers=1, store_dtype="float32", on_bad_image="skip")
+    assert sorted(s["id"] for s in report.skipped) == sorted(bad_ids)
+    features = open_store(str(tmp_path / "latent.zarr")).open_features(dataset="cub", split="train", block=5, t=90,
+                                                                        pool=1)
+    values = features.load()
+    assert np.isnan(values[[5, 9, 14]]).all() and np.isfinite(np.delete(values, [5, 9, 14], axis=0)).all()
+    assert sorted(features.skipped.tolist()) == [5, 9, 14]
