@@ -186,6 +186,15 @@ def test_repair_rebuilds_a_deleted_ledger_without_recomputing(store):
     assert [s.outcome for s in again.settings] == ["cached"]  # every unit read back whole: flags rebuilt
 
 
+def test_repair_sets_a_deleted_flag_again_when_its_unit_is_whole(store):
+    reference = read(store)
+    (setting_dir(store) / "done/c/2").unlink()
+    with pytest.raises(StoreError, match="1 of 4 units are not flagged done"):
+        read(store)
+    assert verify_cli(store, "--repair").exit_code == 1
+    assert verify_cli(store).exit_code == 0 and read(store) == reference
+
+
 def test_extract_rebuilds_a_deleted_ledger(store):
     shutil.rmtree(setting_dir(store) / "done")
     meta_path = setting_dir(store) / "data"

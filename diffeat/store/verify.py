@@ -526,8 +526,7 @@ def _repair_setting(store: FeatureStore, check: SettingCheck) -> None:
     for u in check.lost_flags:
         store.objects.delete(f"{group}/done/c/{u}")  # absent reads as 0, the fill value
     for u in check.unflagged_ok:
-        if u in check.lost_flags:
-            done[u] = 1  # the unit reads back whole: its flag was lost, not its data
+        done[u] = 1  # the unit reads back whole: its flag was lost (or deleted from a complete setting), not its data
     for d in check.damaged:
         # A flag is its own object (chunks of one); an absent object reads as 0, the fill value.
         store.objects.delete(f"{group}/done/c/{d.unit}")
