@@ -63,8 +63,8 @@ def cluster_refs(client: Any, sources: Sequence[ArraySource], kernel: str, route
     refs = [array_ref(s) for s in sources]
     missing = [s.label for s, r in zip(sources, refs) if r is None]
     if missing:
-        logger.warning("CKA runs in this process: %s %s in memory (or has rows left out), not a zarr array "
-                       "the dask workers can open",
+        logger.warning("CKA runs in this process: %s %s in memory, not in a zarr store the dask workers can open "
+                       "(or has rows left out)",
                        ", ".join(missing[:3]) + ("..." if len(missing) > 3 else ""),
                        "is" if len(missing) == 1 else "are")
         return None
