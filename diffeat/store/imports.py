@@ -30,6 +30,10 @@ from diffeat.store.writer import SettingWriter
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "external"
+#: Bytes of whole units written in one zarr assignment: zarr encodes the chunks and shards of one
+#: assignment concurrently, so an import of 64 MiB shards one by one ran at 0.7× of plain zarr's
+#: ``array[:] = x`` (measured, 262 MB, 2 cores); four at a time keeps both cores busy.
+WRITE_BYTES = 256 << 20
 STORE_DTYPES = ("float16", "float32")
 
 
@@ -99,6 +103,22 @@ def _rows(array: Any, order: np.ndarray | None, lo: int, hi: int) -> np.ndarray:
     return out
 
 
+def _runs(units: list[int], plan, row_bytes: int, max_bytes: int = WRITE_BYTES) -> list[tuple[int, int]]:
+    """Rows ``[lo, hi)`` of consecutive ``units``, up to ``max_bytes`` each: one zarr assignment per run."""
+    per_run = max(1, max_bytes // max(1, plan.unit_rows * row_bytes))
+    runs: list[tuple[int, int]] = []
+    start = prev = None
+    for u in units:
+        if start is not None and (u != prev + 1 or u - start >= per_run):
+            runs.append((plan.unit_range(start)[0], plan.unit_range(prev)[1]))
+            start = None
+        start = u if start is None else start
+        prev = u
+    if start is not None:
+        runs.append((plan.unit_range(start)[0], plan.unit_range(prev)[1]))
+    return runs
+
+
 def import_features(store: FeatureStore, dataset: str, split: str, name: str, array: Any, *,
                     attrs: dict | None = None, ids: Sequence[str] | None = None, model: str = DEFAULT_MODEL,
                     store_dtype: str = "float16", overwrite: bool = False) -> ImportResult:
@@ -127,7 +147,7 @@ def import_features(store: FeatureStore, dataset: str, split: str, name: str, ar
     # Identity: the content as it will be stored, in table order.
     digest = hashlib.sha256()
     for u in range(plan.n_units):
-        digest.update(np.ascontiguousarray(_rows(array, order, *plan.unit_range(u)), dtype=store_dtype).tobytes())
+        digest.update(np.ascontiguousarray(_rows(array, order, *plan.unit_range(u)), dtype=store_dtype))
     settings = {"import": name, "model": model, "dataset": {"name": dataset, "split": split,
                                                               "manifest_sha256": manifest},
                 "shape": list(out_shape), "store_dtype": store_dtype, "content_sha256": digest.hexdigest()}
@@ -142,8 +162,7 @@ def import_features(store: FeatureStore, dataset: str, split: str, name: str, ar
     writer = SettingWriter.open(store, path, out_shape, store_dtype, meta, label=f"import {name}")
     outcome = "cached" if not writer.pending else "resumed" if len(writer.pending) < plan.n_units else "written"
     writer.claim_all()
-    for u in sorted(writer.claimed):
-        lo, hi = plan.unit_range(u)
+    for lo, hi in _runs(sorted(writer.claimed), plan, row_bytes):
         writer.add(np.arange(lo, hi), _rows(array, order, lo, hi))
     if not writer.publish():
         raise StoreError(f"import {name}: some units were not written ({path}); run the import again to resume")

@@ -201,7 +201,13 @@ class SettingWriter:
         return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 
     def add(self, rows: np.ndarray, values: np.ndarray) -> None:
-        """Buffer feature rows; every claimed unit that becomes full is written and flagged."""
+        """Buffer feature rows; every claimed unit that becomes full is written and flagged.
+
+        Rows that are exactly whole claimed units, in order (what an import passes), are written
+        in one assignment without a copy into a unit buffer.
+        """
+        if self._write_whole(rows, values):
+            return
         units = rows // self.plan.unit_rows
         for u in np.unique(units):
             u = int(u)
@@ -217,6 +223,28 @@ class SettingWriter:
             self._filled[u] += int(sel.sum())
             if self._filled[u] == hi - lo:
                 self._write_unit(u, lo, hi)
+
+    def _write_whole(self, rows: np.ndarray, values: np.ndarray) -> bool:
+        """Write ``rows`` straight to the array when they are one ascending run of whole claimed units
+        that nothing was buffered for; False (nothing done) otherwise."""
+        ur, n = self.plan.unit_rows, len(rows)
+        if n == 0:
+            return False
+        lo, hi = int(rows[0]), int(rows[-1]) + 1
+        if hi - lo != n or lo % ur or (hi % ur and hi != self.plan.n) or (n > 1 and not (np.diff(rows) == 1).all()):
+            return False
+        units = range(lo // ur, -(-hi // ur))
+        if any(u not in self.claimed or u in self._buffers for u in units):
+            return False
+        # Whole units in one assignment: every chunk or shard object is written entirely, by this writer.
+        self.array[lo:hi] = _cast(values, self.array.dtype, self.label, rows)
+        self.done[units.start:units.stop] = 1  # only after the data objects are in place
+        for u in units:
+            self.pending.discard(u)
+            self.claimed.discard(u)
+            self.claims.release(str(u))
+            self.written += 1
+        return True
 
     def _write_unit(self, u: int, lo: int, hi: int) -> None:
         self.array[lo:hi] = self._buffers.pop(u)
@@ -274,6 +302,8 @@ def _create(store: FeatureStore, path: str, shape: tuple[int, ...], dtype: str, 
 def _cast(values: np.ndarray, dtype: np.dtype, label: str, rows: np.ndarray) -> np.ndarray:
     """Cast to the store dtype, refusing non-finite values instead of storing them."""
     out = values.astype(dtype, copy=False)
+    if bool(_all_finite(out)):
+        return out
     finite = np.isfinite(out.reshape(len(out), -1)).all(axis=1)
     if not finite.all():
         bad = rows[~finite][:5].tolist()
@@ -282,6 +312,15 @@ def _cast(values: np.ndarray, dtype: np.dtype, label: str, rows: np.ndarray) -> 
                else "the model produced NaN/inf")
         raise StoreError(f"{label}: non-finite features for rows {bad}: {why}")
     return out
+
+
+def _all_finite(values: np.ndarray) -> bool:
+    """Whether every value is finite; float16 by its bits (NumPy's isfinite on float16 is a scalar
+    loop: 0.33 s per 131 M values, against 0.05 s for the exponent test)."""
+    if values.dtype == np.float16 and values.flags.c_contiguous:
+        bits = values.reshape(-1).view(np.uint16)
+        return bool(np.max(bits & np.uint16(0x7C00), initial=0) != 0x7C00)  # all-ones exponent: inf or NaN
+    return bool(np.isfinite(values).all())
 
 
 class BackgroundWriter:
