@@ -173,7 +173,7 @@ def main() -> None:
         exact = saves["auto float64"]
         report(rows, np.load(exact) if exact.exists() else None, saves)
         if exact.exists():
-            from diffeat.plots import heatmap
+            from diffeat.output.plots import heatmap
 
             labels = [str(b) for b in range(1, 38)]
             path = heatmap(np.load(exact), labels, labels, args.work / "cka37.png", vmin=0, vmax=1,

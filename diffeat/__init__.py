@@ -1,4 +1,4 @@
-"""diffeat: pretrained diffusion U-Nets as feature extractors.
+"""diffeat: pretrained diffusion models as feature extractors.
 
 The pipeline has three stages that share one Zarr feature store:
 ``extract`` (images -> frozen U-Net -> pooled block activations -> store),
@@ -7,5 +7,3 @@ similarity between cached feature sets).
 """
 
 __version__ = "0.1.0"
-
-STORE_FORMAT_VERSION = 1

@@ -42,7 +42,7 @@ def test_bench_json_on_cpu_reports_every_rate_and_ratio(tmp_path):
 
 
 def test_bench_auto_batch_float32_and_ablation():
-    from diffeat.bench import bench
+    from diffeat.extract.bench import bench
     from diffeat.cli.bench import format_result
     from diffeat.extract.forward import CPU_AUTO_BATCH
 

@@ -129,10 +129,10 @@ def test_all_routes_agree_including_out_of_core(tmp_path, estimator):
         "gram": cka_matrix([x, y, w], route="gram", estimator=estimator),
         "float32": cka_matrix([x, y, w], route="gram", estimator=estimator, precision="float32"),
         # 218 KB of features under a 400 KB budget: streamed from zarr in 48-row blocks (16-row chunks).
-        "features-zarr": cka_matrix(srcs, route="features", estimator=estimator, memory="400KB", block_rows=48),
-        "gram-zarr": cka_matrix(srcs, route="gram", estimator=estimator, memory="400KB", block_rows=48),
+        "features-zarr": cka_matrix(srcs, route="features", estimator=estimator, memory_budget="400KB", block_rows=48),
+        "gram-zarr": cka_matrix(srcs, route="gram", estimator=estimator, memory_budget="400KB", block_rows=48),
         # accumulators over the budget: one pass per group of pairs
-        "features-passes": cka_matrix(srcs, route="features", estimator=estimator, memory="90KB", block_rows=24),
+        "features-passes": cka_matrix(srcs, route="features", estimator=estimator, memory_budget="90KB", block_rows=24),
         "minibatch-one-batch": cka_matrix([x, y, w], route="minibatch", estimator=estimator, batch_size=300),
     }
     assert not runs["gram-zarr"].plan["in_memory"] and runs["features-passes"].plan["estimates"]["feature_passes"] > 1
@@ -146,7 +146,7 @@ def test_minibatch_out_of_core_is_the_same_estimate(tmp_path):
     srcs = [zarr_source(tmp_path, name, a) for name, a in (("x", x), ("y", y), ("w", w))]
     in_memory = cka_matrix([x, y, w], route="minibatch", batch_size=32, passes=2, seed=3)
     # A 100 KB budget: each pass gathers random partitions of 32..64 rows by streaming reads.
-    streamed = cka_matrix(srcs, route="minibatch", batch_size=32, passes=2, seed=3, memory="100KB", block_rows=48)
+    streamed = cka_matrix(srcs, route="minibatch", batch_size=32, passes=2, seed=3, memory_budget="100KB", block_rows=48)
     assert not streamed.plan["in_memory"] and streamed.plan["partition_rows"] < 250
     np.testing.assert_allclose(streamed.matrix, in_memory.matrix, atol=1e-12)
     full = cka_matrix([x, y, w]).matrix  # minibatch estimates the same quantity
@@ -161,7 +161,7 @@ def test_rectangular_matrix_and_rbf_tiles():
     np.testing.assert_allclose(rect.matrix, full[np.ix_([0, 1], [2, 0])], atol=1e-12)
     rbf = cka_matrix([x, y, w], kernel="rbf").matrix
     # A budget for 4 n×n Grams: settings in tiles, Grams rebuilt; same numbers.
-    tiled = cka_matrix([x, y, w], kernel="rbf", memory=150 * 150 * 8 * 4).matrix
+    tiled = cka_matrix([x, y, w], kernel="rbf", memory_budget=150 * 150 * 8 * 4).matrix
     np.testing.assert_allclose(tiled, rbf, atol=1e-12)
 
 
@@ -181,7 +181,7 @@ def test_sample_id_mismatch_is_an_error(tmp_path):
 def test_option_errors():
     x, y, _ = related(n=40)
     for bad, match in (({"estimator": "debiased"}, "estimator"), ({"route": "fast"}, "route"),
-                       ({"kernel": "cosine"}, "kernel"), ({"memory": "lots"}, "memory"),
+                       ({"kernel": "cosine"}, "kernel"), ({"memory_budget": "lots"}, "memory"),
                        ({"kernel": "rbf", "route": "features"}, "RBF"), ({"passes": 0}, "passes")):
         with pytest.raises(DiffeatError, match=match):
             cka(x, y, **bad)
@@ -215,7 +215,7 @@ def test_auto_route_follows_the_cost_model():
 
 
 def test_heatmap_marks_and_nan(tmp_path):
-    from diffeat.plots import _marked_cells, heatmap
+    from diffeat.output.plots import _marked_cells, heatmap
 
     m = np.array([[0.2, np.nan, 0.9], [0.5, 0.95, 0.1]])
     assert _marked_cells(m, "max") == [(1, 1)] and _marked_cells(m, "min") == [(1, 2)]

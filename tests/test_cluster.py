@@ -1,6 +1,6 @@
 """CKA on a dask.distributed cluster: a real LocalCluster of 2 worker processes (1 thread each)
 reading a real store, against the single-process routes; the ``--workers``/``--scheduler`` options
-of ``diffeat cka``; and the errors of :func:`diffeat.cluster.cluster_client`."""
+of ``diffeat cka``; and the errors of :func:`diffeat.runtime.cluster.cluster_client`."""
 
 from __future__ import annotations
 
@@ -17,8 +17,9 @@ import zarr
 from click.testing import CliRunner
 
 from diffeat.cka import ArraySource, cka_matrix
-from diffeat.cka.settings import SettingSpec, grid, open_specs, store_cka
-from diffeat.cluster import cluster_client, normalize_address, wants_gpu
+from diffeat.cka.api import open_specs, store_cka
+from diffeat.cka.settings import SettingSpec, grid
+from diffeat.runtime.cluster import cluster_client, normalize_address, wants_gpu
 from diffeat.errors import DiffeatError, StoreError
 
 pytest_plugins = ["s3server"]
@@ -72,7 +73,7 @@ def test_cluster_rectangular_float32_and_pair_groups(store, client):
     # (an 8e-10 difference was seen once), so that is what is asserted; float64 stays at 1e-12.
     for opts, atol in (({"route": "features", "precision": "float32", "block_rows": 48}, 1e-6),
                        # a 900 KB budget: one pass per group of pairs, each on the cluster
-                       ({"route": "features", "memory": "900KB", "block_rows": 16}, 1e-12)):
+                       ({"route": "features", "memory_budget": "900KB", "block_rows": 16}, 1e-12)):
         local = cka_matrix(rows, cols, **opts)
         remote = cka_matrix(rows, cols, client=client, **opts)
         assert remote.plan["cluster"]["used"] and remote.matrix.shape == (2, 2)
@@ -180,7 +181,7 @@ def test_cli_errors_are_one_line_and_fast(store):
     runner = CliRunner()
     common = ["cka", "--store", str(store), "--dataset", "digits", "--a", "block=3,t=50,pool=1",
               "--b", "block=7,t=50,pool=1"]
-    for extra, match in ((["--workers", "0"], "--workers must be"),
+    for extra, match in ((["--workers", "0"], "--workers 0 is invalid"),
                          (["--workers", "2", "--scheduler", "tcp://127.0.0.1:8786"], "not both"),
                          (["--scheduler", "not an address"], "not a scheduler address"),
                          (["--scheduler", "tcp://127.0.0.1:99999"], "not a scheduler address"),
@@ -198,7 +199,7 @@ def test_cli_errors_are_one_line_and_fast(store):
 def test_cluster_client_helper():
     with cluster_client(None, None) as nothing:
         assert nothing is None
-    with pytest.raises(DiffeatError, match="at least 1"), cluster_client(workers=-3):
+    with pytest.raises(DiffeatError, match=r"--workers -3 is invalid: it must be a whole number of worker processes >= 1"), cluster_client(workers=-3):
         pass
     assert normalize_address("10.0.0.1") == "tcp://10.0.0.1:8786"
     assert normalize_address("10.0.0.1:9000") == "tcp://10.0.0.1:9000"

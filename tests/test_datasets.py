@@ -385,7 +385,7 @@ def test_preprocess_range_and_modes() -> None:
 
 
 def test_open_dataset_argument_errors(tmp_path: Path) -> None:
-    with pytest.raises(DatasetError, match="unknown dataset 'cubb'; valid names: cub, nabirds"):
+    with pytest.raises(DatasetError, match="--dataset 'cubb' is invalid: choose one of cub, nabirds"):
         open_dataset("cubb", tmp_path)
     with pytest.raises(DatasetError, match=r"(?s)cub needs a root folder.*images\.txt"):  # shows the expected tree
         open_dataset("cub")
@@ -393,7 +393,7 @@ def test_open_dataset_argument_errors(tmp_path: Path) -> None:
         open_dataset("digits", tmp_path)
     with pytest.raises(DatasetError, match="only accepted by imagenet, not by cub"):
         open_dataset("cub", write_cub(tmp_path), classes=tmp_path / "x.txt")
-    with pytest.raises(DatasetError, match=r"cub has no split 'val'; valid splits: train, test"):
+    with pytest.raises(DatasetError, match=r"cub split 'val' is invalid: choose one of train, test"):
         open_dataset("cub", tmp_path).samples("val")
 
 

@@ -129,7 +129,7 @@ def test_layouts_it_does_not_know_fall_back_to_zarr(tmp_path):
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_s3_reads_equal_zarr_bitwise(s3server, s3_bucket, s3_env, layout):
-    from diffeat.store.reader import make_zarr_store
+    from diffeat.store.objects import make_zarr_store
 
     s3_env(None)
     url = f"s3://{s3_bucket}/feats.zarr"

@@ -16,7 +16,7 @@ import torch
 
 from diffeat.heads import Standardize
 from diffeat.probe import lbfgs, reference
-from diffeat.probe.data import InMemoryRows, RunningMoments, make_source, moments, stratified_split
+from diffeat.probe.data import InMemoryRows, make_source, moments, standardizer, stratified_split
 from diffeat.probe.train import predict
 
 CPU = torch.device("cpu")
@@ -57,8 +57,8 @@ class Case:
         self.train, self.test = train, test
         self.fit, self.val = stratified_split(train.labels, 0.1, seed)
         m_fit, m_val = moments(train, self.fit, self.val)
-        self.std_fit = Standardize(*m_fit.standardizer("feature"))
-        self.std_all = Standardize(*m_fit.combined(m_val).standardizer("feature"))
+        self.std_fit = Standardize(*standardizer(m_fit, "feature"))
+        self.std_all = Standardize(*standardizer(m_fit.combined(m_val), "feature"))
         self.k = int(max(train.labels.max(), test.labels.max())) + 1
 
     def top1(self, out: dict) -> float:

@@ -20,7 +20,9 @@ from diffeat.errors import DiffeatError, StoreError
 from diffeat.heads import HEADS, build_head, check_head, count_parameters, get_head
 from diffeat.heads.io import load_probe
 from diffeat.probe import CSV_COLUMNS, probe
-from diffeat.probe.data import RunningMoments, StreamedRows, make_source, parse_bytes, stratified_split
+from diffeat.probe.data import StreamedRows, make_source, standardizer, stratified_split
+from diffeat.runtime.memory import parse_bytes
+from diffeat.store.streaming import RunningMoments
 from diffeat.probe.reference import knn_topk
 
 K, C, POOL = 8, 12, 2  # mixture: 8 classes, features 12×2×2 (D = 48)
@@ -175,7 +177,7 @@ def test_streaming_moments_match_float64_on_offset_features():
     ref = x.astype(np.float64)
     assert np.allclose(acc.mean, ref.mean(0), rtol=0, atol=1e-9)
     assert np.allclose(acc.m2 / acc.count, ref.var(0), rtol=1e-6)
-    mean, inv = acc.standardizer("channel")
+    mean, inv = standardizer(acc, "channel")
     assert mean.shape == (3, 1, 1)
     assert np.allclose(inv.numpy().ravel(), 1 / ref.transpose(1, 0, 2, 3).reshape(3, -1).std(1), rtol=1e-4)
     assert parse_bytes("1.5G") == 3 << 29 and parse_bytes("512M") == 512 << 20
@@ -377,7 +379,7 @@ def test_runs_are_deterministic_and_streaming_agrees(gmm, tmp_path):
 def test_user_errors_are_raised_before_any_training(gmm, digits_store, tmp_path):
     out = tmp_path / "never"
     base = dict(store=gmm["store"], dataset="gmm", name="mix", out=out, device="cpu")
-    with pytest.raises(DiffeatError, match="unknown head 'svm'"):
+    with pytest.raises(DiffeatError, match="--head 'svm' is invalid"):
         probe(**{**base, "heads": ["linear", "svm"]})
     with pytest.raises(DiffeatError, match="k >= 2"):
         probe(store=digits_store, dataset="digits", pools=[1], heads=["cnn"], out=out, device="cpu")
@@ -445,7 +447,7 @@ def test_cli_prints_json_and_a_table(gmm, tmp_path):
 
 
 def test_report_writes_long_csv_and_json_that_read_back(tmp_path):
-    from diffeat.report import new_run_dir, read_results, to_jsonable, write_long_csv, write_run_json
+    from diffeat.output.records import new_run_dir, read_results, to_jsonable, write_long_csv, write_run_json
 
     run = new_run_dir(tmp_path, "cka")
     assert run.parent == tmp_path and run.name.startswith("cka-")

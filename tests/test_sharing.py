@@ -293,21 +293,14 @@ def test_a_store_from_before_the_catalog_is_listed_and_verify_repair_fills_its_c
 
 
 def test_extract_on_an_existing_scheduler_loads_the_model_once_per_worker(tmp_path, reference):
-    from distributed import Client, LocalCluster
+    from distributed import LocalCluster
 
     store = str(tmp_path / "scheduler.zarr")
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
-            Client(cluster) as client:
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
         report = extract(dataset="digits", model="random:tiny", blocks=[3, 7], ts=[90], splits=["train"],
                          limit=320, chunk_rows=16, device="cpu", batch_size=16, num_workers=0, store=store,
                          scheduler=cluster.scheduler_address)
-
-        def loads() -> int:
-            from diffeat.extract.distributed import MODEL_LOADS
-
-            return MODEL_LOADS[0]
-
-        per_worker = client.run(loads)
+    per_worker = report.model_loads
     assert sum(s.units_written for s in report.settings) == 2 * N_UNITS
     # 3 tasks (8 batches of 16 rows each) over 2 workers: a worker that ran two of them loaded the model once.
     assert all(n <= 1 for n in per_worker.values()) and sum(per_worker.values()) >= 1, per_worker

@@ -1,84 +1,47 @@
-"""``cka_matrix`` / ``cka``: CKA between feature sets, exact and out-of-core.
+"""CKA's entry points: between settings of a store (``run_cka``/``store_cka``), or between arrays (``cka_matrix``/``cka``).
 
-Inputs are arrays (N, D) or (N, C, k, k), zarr arrays, store ``FeatureSet`` objects or
-:class:`~diffeat.cka.sources.ArraySource` objects. Each distinct setting's statistics
-are computed once however many pairs it takes part in.
+``run_cka(config)`` is the stage (``diffeat cka``, a pipeline's ``cka`` stage): it opens the
+store read-only, resolves the settings of a :class:`~diffeat.cka.config.CkaConfig`, computes
+the matrix and writes its files. ``cka_matrix`` takes arrays (N, D) or (N, C, k, k), zarr
+arrays, store ``FeatureSet`` objects or :class:`~diffeat.cka.sources.ArraySource` objects.
+Each distinct setting's statistics are computed once however many pairs it takes part in.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Mapping
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from diffeat.cka.config import CkaConfig
 from diffeat.cka.estimators import ESTIMATORS, KERNELS, check_estimator, cka_from_hsic
-from diffeat.cka.plan import PRECISIONS, ROUTES, make_plan, memory_budget
+from diffeat.cka.plan import PRECISIONS, ROUTES, make_plan
+from diffeat.cka.results import CKAResult
 from diffeat.cka.routes import features_route, gram_route, minibatch_route, rbf_route
-from diffeat.cka.sources import ArraySource, LoadedSource, as_source, check_aligned, gather_rows, load, moments
+from diffeat.cka.settings import SettingSpec
+from diffeat.cka.sources import (
+    ArraySource,
+    FeatureSetSource,
+    LoadedSource,
+    as_source,
+    check_aligned,
+    gather_rows,
+    load,
+    moments,
+)
 from diffeat.errors import DiffeatError
+from diffeat.runtime.checks import check_choice
+from diffeat.runtime.memory import memory_budget as resolve_budget
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+    from diffeat.store.reader import FeatureStore
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class CKAResult:
-    """A CKA matrix (rows × columns) and how it was computed."""
-
-    row_labels: list[str]
-    col_labels: list[str]
-    matrix: np.ndarray  # float64 (rows, cols); NaN where a setting's self-HSIC is not positive
-    kernel: str
-    estimator: str
-    route: str
-    n: int
-    seconds: float
-    plan: dict = field(default_factory=dict)
-    options: dict = field(default_factory=dict)
-    settings: list[dict] = field(default_factory=list)  # one per distinct setting (rows first)
-    config: dict = field(default_factory=dict)  # filled by callers that resolve settings (store, dataset ...)
-
-    @property
-    def value(self) -> float:
-        """The single CKA value of a 1×1 result (a pair)."""
-        if self.matrix.shape != (1, 1):
-            raise ValueError(f"value is for a pair; this result is {self.matrix.shape[0]}×{self.matrix.shape[1]}")
-        return float(self.matrix[0, 0])
-
-    @property
-    def square(self) -> bool:
-        """True when rows and columns are the same settings."""
-        return self.row_labels == self.col_labels
-
-    def pair_json(self) -> dict:
-        """``{"cka": value, "estimator": ..., "n": ...}`` (plus kernel, route and the two labels)."""
-        return {"cka": _finite(self.value), "estimator": self.estimator, "n": self.n, "kernel": self.kernel,
-                "route": self.route, "a": self.row_labels[0], "b": self.col_labels[0]}
-
-    def matrix_json(self) -> dict:
-        """``{"labels": [...], "matrix": [[...]], "estimator": ...}`` (``col_labels`` too when not square)."""
-        out: dict[str, Any] = {"labels": self.row_labels}
-        if not self.square:
-            out["col_labels"] = self.col_labels
-        out.update(matrix=[[_finite(v) for v in row] for row in self.matrix], estimator=self.estimator,
-                   kernel=self.kernel, route=self.route, n=self.n)
-        return out
-
-    def record(self) -> dict:
-        """Everything about this result, JSON-friendly (the ``cka.json`` written next to the matrix)."""
-        from diffeat import __version__
-
-        return {**self.matrix_json(), "col_labels": self.col_labels, "seconds": round(self.seconds, 3),
-                "plan": self.plan, "options": self.options, "settings": self.settings, "config": self.config,
-                "diffeat": __version__}
-
-
-def _finite(v: float) -> float | None:
-    """JSON has no NaN: a missing value is null."""
-    return float(v) if np.isfinite(v) else None
 
 
 def _as_sources(items: Any, prefix: str) -> list[ArraySource]:
@@ -132,8 +95,9 @@ def _subsample(sources: list[ArraySource], size: int, seed: int, rows: int) -> l
 
 def cka_matrix(a: Any, b: Any = None, *, kernel: str = "linear", estimator: str = "unbiased", route: str = "auto",
                rbf_threshold: float = 1.0, batch_size: int = 512, passes: int = 1, seed: int = 0,
-               precision: str = "float64", memory: str | int | None = None,
-               subsample: int | None = None, block_rows: int | None = None, client: Any = None) -> CKAResult:
+               precision: str = "float64", memory_budget: str | int | None = None,
+               subsample: int | None = None, block_rows: int | None = None, client: Client | None = None
+               ) -> CKAResult:
     """CKA between every setting of ``a`` and every setting of ``b`` (default: ``a`` against itself).
 
     ``a``/``b``: a sequence (or a ``{label: array}`` mapping) of features with the same samples
@@ -145,7 +109,7 @@ def cka_matrix(a: Any, b: Any = None, *, kernel: str = "linear", estimator: str 
     fits ``memory``), ``features``, ``gram`` or ``minibatch`` (Nguyen et al. 2021: a different,
     batch-based estimator: ``batch_size`` rows per batch, ``passes`` shuffled passes, ``seed``);
     ``precision``: dtype of the block products (``float64`` default; ``float32`` is about 2×
-    faster, accumulators stay float64); ``memory``: budget such as ``"4GB"`` (default 60% of
+    faster, accumulators stay float64); ``memory_budget``: such as ``"4GB"`` (default 60% of
     available memory, honouring ``ulimit -v``); ``subsample``: compare a seeded random subset of
     this many samples (e.g. for RBF at large N); ``block_rows``: force the row block / Gram
     tile size (default: from the budget, whole stored chunks); ``client``: a
@@ -154,14 +118,10 @@ def cka_matrix(a: Any, b: Any = None, *, kernel: str = "linear", estimator: str 
     other routes, and features held in memory, run in this process, with a log line).
     """
     start = time.perf_counter()
-    if kernel not in KERNELS:
-        raise DiffeatError(f"unknown CKA kernel {kernel!r}: choose one of {', '.join(KERNELS)}")
-    if estimator not in ESTIMATORS:
-        raise DiffeatError(f"unknown CKA estimator {estimator!r}: choose one of {', '.join(ESTIMATORS)}")
-    if route not in ROUTES:
-        raise DiffeatError(f"unknown CKA route {route!r}: choose one of {', '.join(ROUTES)}")
-    if precision not in PRECISIONS:
-        raise DiffeatError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    check_choice(kernel, KERNELS, "--kernel")
+    check_choice(estimator, ESTIMATORS, "--estimator")
+    check_choice(route, ROUTES, "--route")
+    check_choice(precision, PRECISIONS, "--precision")
     if passes < 1:
         raise DiffeatError(f"--passes must be at least 1, got {passes}")
     if kernel == "rbf" and route not in ("auto", "gram"):
@@ -180,7 +140,7 @@ def cka_matrix(a: Any, b: Any = None, *, kernel: str = "linear", estimator: str 
             subsample = None
     n_used = subsample or n
     check_estimator(estimator, n_used)
-    budget = memory_budget(memory)
+    budget = resolve_budget(memory_budget)
     if subsample is not None:
         union = _subsample(union, subsample, seed, rows=4096)
 
@@ -233,11 +193,11 @@ def cka_matrix(a: Any, b: Any = None, *, kernel: str = "linear", estimator: str 
                 plan.route, n_used, seconds)
     options = {"kernel": kernel, "estimator": estimator, "route": route, "precision": precision,
                "rbf_threshold": rbf_threshold, "batch_size": batch_size, "passes": passes, "seed": seed,
-               "memory": memory, "subsample": subsample, "block_rows": block_rows}
+               "memory_budget": memory_budget, "subsample": subsample, "block_rows": block_rows}
     settings = [{**s.meta, "label": s.label, "dim": s.dim} for s in union]
     plan_record = plan.as_dict()
     if client is not None:
-        from diffeat.cluster import describe
+        from diffeat.runtime.cluster import describe
 
         plan_record["cluster"] = {**describe(client), "used": refs is not None}
     return CKAResult([union[i].label for i in row_idx], [union[i].label for i in col_idx],
@@ -248,3 +208,74 @@ def cka_matrix(a: Any, b: Any = None, *, kernel: str = "linear", estimator: str 
 def cka(x: Any, y: Any, **options: Any) -> CKAResult:
     """CKA between two feature sets (same options as :func:`cka_matrix`); ``.value`` is the number."""
     return cka_matrix([x], [y], **options)
+
+
+def open_specs(store: FeatureStore, dataset: str, split: str, specs: Sequence[SettingSpec],
+               model: str | None = None) -> list[FeatureSetSource]:
+    """Open each spec read-only from ``store``; ``model`` applies to extracted settings that name none."""
+    out = []
+    for spec in specs:
+        if spec.name is not None:
+            fs = store.open_features(dataset=dataset, split=split, name=spec.name, model=spec.model)
+        else:
+            fs = store.open_features(dataset=dataset, split=split, block=spec.block, t=spec.t, pool=spec.pool,
+                                     model=spec.model or model)
+        out.append(FeatureSetSource(fs))
+    return out
+
+
+def run_cka(config: CkaConfig, *, store: FeatureStore | None = None) -> CKAResult:
+    """CKA between settings of a store (opened read-only: nothing is ever written to it).
+
+    The rows are ``config.rows()``, the columns ``config.cols()`` (default: the rows);
+    ``config.scheduler``/``config.workers`` compute the exact linear routes on a dask cluster
+    (:mod:`diffeat.cka.cluster`). With ``config.out``, the matrix, heatmap and record are
+    written there (:func:`diffeat.cka.output.write_outputs`; their paths in ``result.files``).
+    The result's ``config`` records the options.
+    """
+    from diffeat.cka.output import write_outputs
+    from diffeat.runtime.cluster import cluster_client
+    from diffeat.store import as_store
+
+    c = config
+    fs = as_store(store if store is not None else c.store, mode="r", storage_options=c.storage_options)
+    rows = open_specs(fs, c.dataset, c.split, c.rows(), c.model)
+    cols = rows if c.cols() is None else open_specs(fs, c.dataset, c.split, c.cols(), c.model)
+    scheduler, workers = c.scheduler, c.workers
+    if scheduler is not None or workers is not None:
+        single = {"RBF CKA": c.kernel != "linear", "--route minibatch": c.route == "minibatch",
+                  "--subsample (the subset is held in memory)": c.subsample is not None}
+        reason = next((k for k, v in single.items() if v), None)
+        if reason:
+            logger.warning("%s runs in this process: only the exact linear routes (features, gram) use "
+                           "--scheduler/--workers", reason)
+            scheduler = workers = None
+    with cluster_client(scheduler, workers) as client:
+        result = cka_matrix(rows, cols, kernel=c.kernel, estimator=c.estimator, route=c.route,
+                            rbf_threshold=c.rbf_threshold, batch_size=c.batch_size, passes=c.passes, seed=c.seed,
+                            precision=c.precision, memory_budget=c.memory_budget, subsample=c.subsample,
+                            block_rows=c.block_rows, client=client)
+    result.config = {**c.as_dict(), "store": fs.location, "a": [str(s) for s in c.rows()],
+                     "b": None if c.cols() is None else [str(s) for s in c.cols()]}
+    if c.scheduler is not None or c.workers is not None:
+        result.config["cluster_used"] = bool(result.plan.get("cluster", {}).get("used"))
+    if c.out is not None:
+        result.files = write_outputs(result, c.out, title=c.title)
+    return result
+
+
+def store_cka(store: str | FeatureStore, dataset: str, split: str, a: Sequence[SettingSpec | str],
+              b: Sequence[SettingSpec | str] | None = None, **options: Any) -> CKAResult:
+    """CKA between settings ``a`` (rows) and ``b`` (columns; default ``a``) of a store.
+
+    A thin adapter over :func:`run_cka`: ``options`` are the other fields of
+    :class:`~diffeat.cka.config.CkaConfig` (``model``, ``route``, ``scheduler`` ...).
+    """
+    from diffeat.store.reader import store_option
+
+    if not a:
+        raise DiffeatError("no settings to compare: give --a/--b, or --block/--t/--pool, or --name")
+    options, opened = store_option({**options, "store": store})
+    config = CkaConfig(dataset=dataset, split=split, a=tuple(str(s) for s in a), b=tuple(str(s) for s in b or ()),
+                       **options)
+    return run_cka(config, store=opened)

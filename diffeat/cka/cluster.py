@@ -25,21 +25,19 @@ calling process (:func:`cluster_refs` logs why).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import socket
-import threading
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from diffeat.cka.routes import feature_stats, features_route, gram_row_block
-from diffeat.cka.sources import ArraySource, LoadedSource, Moments, block_moments, merge_moments
-from diffeat.errors import DiffeatError, StoreError
+from diffeat.cka.sources import ArraySource, LoadedSource
+from diffeat.errors import DiffeatError
+from diffeat.store.refs import ArrayRef, open_array, ref_of
+from diffeat.store.streaming import RunningMoments, merge_all, prefetch
 
 logger = logging.getLogger(__name__)
 
@@ -47,49 +45,14 @@ TASKS_PER_THREAD = 4  # row ranges per worker thread: load balance against per-t
 WAIT_FOR_WORKERS = 60  # seconds to wait for a first worker of a scheduler that has none
 
 
-@dataclass(frozen=True)
-class ArrayRef:
-    """Where a worker opens one setting's array, read-only, and what it must find there."""
-
-    location: str  # absolute path or fsspec URL of the zarr store
-    path: str  # array path inside the store ("" when the store is the array)
-    storage_options: dict | None
-    shape: tuple[int, ...]
-    chunk_rows: int
-    label: str
-
-    @property
-    def n(self) -> int:
-        return self.shape[0]
-
-
-def _store_location(source: ArraySource) -> tuple[str, dict | None] | None:
-    """``(location, storage_options)`` of a zarr-backed source, None when workers cannot open it."""
-    location = getattr(source, "store_location", None)
-    if location:
-        return str(location), getattr(source, "storage_options", None)
-    array = getattr(source, "array", None)
-    store = getattr(array, "store", None)
-    if store is None or not hasattr(array, "path"):
-        return None
-    from zarr.storage import FsspecStore, LocalStore
-
-    if isinstance(store, LocalStore):
-        return str(store.root), None
-    if isinstance(store, FsspecStore) and store.fs.protocol not in ("memory", ("memory",)):
-        return store.fs.unstrip_protocol(store.path), dict(store.fs.storage_options) or None
-    return None
-
-
 def array_ref(source: ArraySource) -> ArrayRef | None:
-    """The :class:`ArrayRef` of a source read from a zarr store; None for in-memory data."""
+    """Where a worker opens a source's array itself; None for data held in memory."""
     if isinstance(source, LoadedSource):
         return None
-    where = _store_location(source)
-    if where is None:
-        return None
-    return ArrayRef(where[0], str(source.array.path or ""), where[1], tuple(source.shape), source.chunk_rows,
-                    source.label)
+    features = getattr(source, "features", None)
+    if features is not None:  # a store setting: the store's own location and options
+        return features.ref()
+    return ref_of(source.array, label=source.label, chunk_rows=source.chunk_rows)
 
 
 def cluster_refs(client: Any, sources: Sequence[ArraySource], kernel: str, route: str) -> list[ArrayRef] | None:
@@ -121,53 +84,25 @@ def cluster_refs(client: Any, sources: Sequence[ArraySource], kernel: str, route
 # ---------------------------------------------------------------------------------------------
 # Worker side: open arrays from their refs (cached per process), compute partial statistics.
 
-_OPEN: dict[tuple, Any] = {}
-_OPEN_LOCK = threading.Lock()
-
-
 def open_ref(ref: ArrayRef) -> ArraySource:
-    """The ref's array opened read-only in this (worker) process, as a source."""
-    key = (ref.location, json.dumps(ref.storage_options, sort_keys=True, default=str), ref.path)
-    with _OPEN_LOCK:
-        array = _OPEN.get(key)
-    if array is None or tuple(array.shape) != ref.shape:  # a long-lived worker: the array may have been rewritten
-        import zarr
-
-        from diffeat.store.reader import make_zarr_store
-
-        try:
-            store = make_zarr_store(ref.location, read_only=True, storage_options=ref.storage_options)
-            array = zarr.open_array(store=store, path=ref.path, mode="r")
-        except (OSError, KeyError, ValueError) as e:
-            raise StoreError(f"dask worker on {socket.gethostname()} cannot open {ref.label!r} at "
-                             f"{ref.location}/{ref.path}: {type(e).__name__}: {e} (the workers must see the store: "
-                             "a shared filesystem path, or a URL with --storage-options)") from None
-        if tuple(array.shape) != ref.shape:
-            raise StoreError(f"dask worker on {socket.gethostname()}: {ref.location}/{ref.path} has shape "
-                             f"{tuple(array.shape)}, the client saw {ref.shape} (did the store change?)")
-        with _OPEN_LOCK:
-            if len(_OPEN) >= 256:
-                _OPEN.clear()
-            _OPEN[key] = array
-    return ArraySource(array, label=ref.label, chunk_rows=ref.chunk_rows)
+    """The ref's array opened read-only in this (worker) process (cached per process), as a source."""
+    return ArraySource(open_array(ref), label=ref.label, chunk_rows=ref.chunk_rows)
 
 
-def moments_task(ref: ArrayRef, ranges: Sequence[tuple[int, int]]) -> list[tuple[int, np.ndarray, float]]:
-    """Per-block moments (:func:`~diffeat.cka.sources.block_moments`) of the row blocks ``ranges``."""
-    from diffeat.cka.sources import prefetch
-
+def moments_task(ref: ArrayRef, ranges: Sequence[tuple[int, int]]) -> list[RunningMoments]:
+    """The moments of each row block ``ranges`` (merged by the client in row order)."""
     source = open_ref(ref)
-    return [block_moments(block) for block in prefetch(source.read(lo, hi) for lo, hi in ranges)]
+    return [RunningMoments.of(block) for block in prefetch(source.read(lo, hi) for lo, hi in ranges)]
 
 
-def features_task(refs: dict[int, ArrayRef], moments: dict[int, Moments], group: list[tuple[int, int]],
+def features_task(refs: dict[int, ArrayRef], moments: dict[int, RunningMoments], group: list[tuple[int, int]],
                   rows: int, dtype: np.dtype, lo: int, hi: int) -> tuple[dict, np.ndarray]:
     """The feature route's partial sums (:func:`~diffeat.cka.routes.feature_stats`) over rows ``[lo, hi)``."""
     sources = {i: open_ref(ref) for i, ref in refs.items()}
     return feature_stats(sources, moments, group, rows, np.dtype(dtype), lo, hi)
 
 
-def gram_task(refs: list[ArrayRef], moments: list[Moments], r0: int, c_lo: int, c_hi: int, tile: int,
+def gram_task(refs: list[ArrayRef], moments: list[RunningMoments], r0: int, c_lo: int, c_hi: int, tile: int,
               estimator: str, dtype: np.dtype) -> np.ndarray:
     """A run of Gram tiles of one row (:func:`~diffeat.cka.routes.gram_row_block`)."""
     return gram_row_block([open_ref(r) for r in refs], moments, r0, tile, estimator, np.dtype(dtype), c_lo, c_hi)
@@ -229,7 +164,7 @@ def _results(client: Any, calls: Iterable[tuple[Callable, tuple]], window: int) 
 
 
 def cluster_moments(client: Any, refs: Sequence[ArrayRef], sources: Sequence[ArraySource], rows: int
-                    ) -> list[Moments]:
+                    ) -> list[RunningMoments]:
     """Every setting's means and centered total on the cluster (bitwise those of the streamed pass)."""
     parts = max(1, TASKS_PER_THREAD * _threads(client) // max(1, len(refs)))
     calls, owner = [], []
@@ -240,7 +175,7 @@ def cluster_moments(client: Any, refs: Sequence[ArrayRef], sources: Sequence[Arr
     blocks: list[list] = [[] for _ in refs]
     for k, result in zip(owner, _results(client, calls, window=len(calls))):
         blocks[k].extend(result)
-    return [merge_moments(b, s.dim) for b, s in zip(blocks, sources)]
+    return [merge_all(b, (s.dim,)) for b, s in zip(blocks, sources)]
 
 
 def _row_ranges(n: int, rows: int, parts: int) -> list[tuple[int, int]]:
@@ -251,10 +186,10 @@ def _row_ranges(n: int, rows: int, parts: int) -> list[tuple[int, int]]:
 
 
 def cluster_features_route(client: Any, refs: Sequence[ArrayRef], sources: Sequence[ArraySource],
-                           moments: Sequence[Moments], mask: np.ndarray, estimator: str, dtype: np.dtype,
+                           moments: Sequence[RunningMoments], mask: np.ndarray, estimator: str, dtype: np.dtype,
                            acc_budget: int, rows: int) -> np.ndarray:
     """:func:`~diffeat.cka.routes.features_route` with the row-block sums computed on the cluster."""
-    from diffeat.cluster import describe
+    from diffeat.runtime.cluster import describe
 
     info = describe(client)
     threads = max(1, info["threads"])
@@ -288,7 +223,7 @@ def cluster_features_route(client: Any, refs: Sequence[ArrayRef], sources: Seque
     return features_route(sources, moments, mask, estimator, dtype, acc_budget, rows, group_stats=group_stats)
 
 
-def cluster_gram_route(client: Any, refs: Sequence[ArrayRef], moments: Sequence[Moments], estimator: str,
+def cluster_gram_route(client: Any, refs: Sequence[ArrayRef], moments: Sequence[RunningMoments], estimator: str,
                        dtype: np.dtype, tile: int) -> np.ndarray:
     """:func:`~diffeat.cka.routes.gram_route` with one row of Gram tiles per cluster task."""
     from diffeat.cka.estimators import hsic_scale

@@ -27,6 +27,7 @@ from __future__ import annotations
 import numpy as np
 
 from diffeat.errors import DiffeatError
+from diffeat.runtime.checks import check_choice
 
 ESTIMATORS = ("unbiased", "biased")
 KERNELS = ("linear", "rbf")
@@ -34,8 +35,7 @@ KERNELS = ("linear", "rbf")
 
 def check_estimator(estimator: str, n: int) -> None:
     """Raise a ``DiffeatError`` for an unknown estimator or too few samples for it."""
-    if estimator not in ESTIMATORS:
-        raise DiffeatError(f"unknown CKA estimator {estimator!r}: choose one of {', '.join(ESTIMATORS)}")
+    check_choice(estimator, ESTIMATORS, "--estimator")
     minimum = 4 if estimator == "unbiased" else 2
     if n < minimum:
         raise DiffeatError(f"the {estimator} HSIC estimator needs at least {minimum} samples, got {n}")

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from diffeat.cka.api import CKAResult
+from diffeat.cka.results import CKAResult
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +45,7 @@ def axis_labels(labels: Sequence[str], settings: Sequence[dict]) -> tuple[list[s
 def write_outputs(result: CKAResult, out: str | Path, *, stem: str = "cka", title: str | None = None
                   ) -> dict[str, str]:
     """Write ``<stem>.csv``, ``<stem>.npy``, ``<stem>.png`` and ``<stem>.json`` into ``out``; return their paths."""
-    from diffeat.plots import heatmap
+    from diffeat.output.plots import heatmap
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

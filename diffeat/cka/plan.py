@@ -10,14 +10,14 @@ because the feature route pays per pair and the Gram route per setting).
 from __future__ import annotations
 
 import logging
-import re
-import resource
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from diffeat.errors import DiffeatError
+from diffeat.runtime.checks import check_choice
+from diffeat.runtime.memory import fmt_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -28,66 +28,6 @@ PRECISIONS = ("float64", "float32")
 # zarr fp16 decode ~0.5 GB/s per process). Ratios matter, not absolute values.
 FLOPS = {"float64": 45e9, "float32": 90e9}
 READ_BYTES_PER_S = 0.5e9
-
-_UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "KIB": 2**10, "M": 2**20, "MB": 2**20, "MIB": 2**20,
-          "G": 2**30, "GB": 2**30, "GIB": 2**30, "T": 2**40, "TB": 2**40, "TIB": 2**40}
-
-
-def parse_bytes(value: str | int) -> int:
-    """``"4GB"``, ``"512M"``, ``"2.5GiB"`` or an integer number of bytes (binary units)."""
-    if isinstance(value, int):
-        return value
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([A-Za-z]*)\s*", str(value))
-    if not m or m.group(2).upper() not in _UNITS:
-        raise DiffeatError(f"--memory {value!r} is not a size: use e.g. 4GB, 512MB or a number of bytes")
-    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
-
-
-def _meminfo_available() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
-# Under RLIMIT_AS, thread stacks, malloc arenas and BLAS buffers reserve address space that is
-# never touched: measured ~250 MiB of VmSize growth during a streamed run (zarr's threads, the
-# read-ahead thread, OpenBLAS), against ~150 MiB resident.
-AS_RESERVE = 384 << 20
-
-
-def _address_space_headroom() -> int | None:
-    """Bytes left under RLIMIT_AS (``ulimit -v``) after the reserve, if a limit is set."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_AS)
-    if soft == resource.RLIM_INFINITY:
-        return None
-    try:
-        with open("/proc/self/status") as f:
-            vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
-    except (OSError, StopIteration):
-        vm = 0
-    return max(0, soft - vm - AS_RESERVE)
-
-
-def available_memory() -> int:
-    """Memory this process may still use: MemAvailable, capped by an address-space limit."""
-    limits = [v for v in (_meminfo_available(), _address_space_headroom()) if v is not None]
-    return min(limits) if limits else 4 << 30
-
-
-def memory_budget(memory: str | int | None) -> int:
-    """The budget for CKA's working set: ``memory`` if given, else 60% of what is available."""
-    if memory is not None:
-        budget = parse_bytes(memory)
-        if budget <= 0:
-            raise DiffeatError(f"--memory must be positive, got {memory!r}")
-        return budget
-    return int(0.6 * available_memory())
-
 
 def pair_groups(pairs: Sequence[tuple[int, int]], dims: Sequence[int], budget: int) -> list[list[tuple[int, int]]]:
     """Split pairs into groups whose Dᵢ×Dⱼ float64 accumulators fit ``budget`` bytes (each group: one pass)."""
@@ -104,14 +44,6 @@ def pair_groups(pairs: Sequence[tuple[int, int]], dims: Sequence[int], budget: i
     if current:
         groups.append(current)
     return groups
-
-
-def fmt_bytes(n: float) -> str:
-    """``1.5 GiB``, ``340 KiB``: sizes in messages."""
-    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{int(n)} B"
 
 
 @dataclass(frozen=True)
@@ -153,10 +85,8 @@ def make_plan(*, n: int, dims: Sequence[int], itemsize: int, chunk_rows: int, ma
     """
     if block_rows is not None and block_rows < 1:
         raise DiffeatError(f"--block-rows must be at least 1, got {block_rows}")
-    if route not in ROUTES:
-        raise DiffeatError(f"unknown CKA route {route!r}: choose one of {', '.join(ROUTES)}")
-    if precision not in PRECISIONS:
-        raise DiffeatError(f"unknown precision {precision!r}: choose one of {', '.join(PRECISIONS)}")
+    check_choice(route, ROUTES, "--route")
+    check_choice(precision, PRECISIONS, "--precision")
     count = len(dims)
     dims_a = np.asarray(dims, dtype=np.float64)
     data_bytes = float(dims_a.sum()) * n * itemsize
@@ -218,11 +148,11 @@ def make_plan(*, n: int, dims: Sequence[int], itemsize: int, chunk_rows: int, ma
         reason = f"--route {route}"
         if route == "features" and not feasible_f:
             raise DiffeatError(f"--route features needs {fmt_bytes(acc_max + block_f)} (one pair's D×D accumulator "
-                               f"and a row block), over the {fmt_bytes(budget)} budget: raise --memory or use "
+                               f"and a row block), over the {fmt_bytes(budget)} budget: raise --memory-budget or use "
                                "--route gram")
         if route == "gram" and not feasible_g:
             raise DiffeatError(f"--route gram does not fit the {fmt_bytes(budget)} budget with {tile}-row tiles: "
-                               "raise --memory or use --route minibatch")
+                               "raise --memory-budget or use --route minibatch")
     partition_rows = 0
     if route == "minibatch":
         if batch < 4:

@@ -25,15 +25,23 @@ from collections.abc import Callable, Mapping, Sequence
 import numpy as np
 from scipy.linalg.blas import dgemm, dsyrk
 
-from diffeat.cka.estimators import center_gram, feature_hsic, gram_rbf, hsic_scale, u_center_tile
-from diffeat.cka.plan import fmt_bytes, pair_groups
-from diffeat.cka.sources import ArraySource, LoadedSource, Moments, gather_rows, iter_rows
+from diffeat.cka.estimators import (
+    center_gram,
+    feature_hsic,
+    gram_rbf,
+    hsic_scale,
+    u_center_tile,
+)
+from diffeat.cka.plan import pair_groups
+from diffeat.cka.sources import ArraySource, LoadedSource, gather_rows, iter_rows
 from diffeat.errors import DiffeatError
+from diffeat.runtime.memory import fmt_bytes
+from diffeat.store.streaming import RunningMoments
 
 logger = logging.getLogger(__name__)
 
 
-def _center(block: np.ndarray, m: Moments, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
+def _center(block: np.ndarray, m: RunningMoments, dtype: np.dtype) -> tuple[np.ndarray, np.ndarray]:
     """(centered block in ``dtype``, float64 row squared norms of the centered rows)."""
     xc = np.asarray(block, dtype=np.float64) - m.mean
     s = np.einsum("ij,ij->i", xc, xc)
@@ -60,7 +68,7 @@ def add_products(acc: np.ndarray, stack: np.ndarray, weight: float = 1.0) -> Non
     acc += np.triu(upper) + np.triu(upper, 1).T
 
 
-def feature_stats(sources: Sequence[ArraySource] | Mapping[int, ArraySource], moments: Sequence[Moments],
+def feature_stats(sources: Sequence[ArraySource] | Mapping[int, ArraySource], moments: Sequence[RunningMoments],
                   group: Sequence[tuple[int, int]], rows: int, dtype: np.dtype, lo: int = 0, hi: int | None = None
                   ) -> tuple[dict[tuple[int, int], np.ndarray], np.ndarray]:
     """Row-additive statistics of the feature route over rows ``[lo, hi)``, in float64.
@@ -82,7 +90,7 @@ def feature_stats(sources: Sequence[ArraySource] | Mapping[int, ArraySource], mo
     return accs, s_dot
 
 
-def features_route(sources: Sequence[ArraySource], moments: Sequence[Moments], mask: np.ndarray, estimator: str,
+def features_route(sources: Sequence[ArraySource], moments: Sequence[RunningMoments], mask: np.ndarray, estimator: str,
                    dtype: np.dtype, acc_budget: int, rows: int,
                    group_stats: Callable[[list[tuple[int, int]]], tuple[dict, np.ndarray]] | None = None
                    ) -> np.ndarray:
@@ -114,7 +122,7 @@ def features_route(sources: Sequence[ArraySource], moments: Sequence[Moments], m
     return h
 
 
-def gram_route(sources: Sequence[ArraySource], moments: Sequence[Moments], estimator: str, dtype: np.dtype,
+def gram_route(sources: Sequence[ArraySource], moments: Sequence[RunningMoments], estimator: str, dtype: np.dtype,
                tile: int, cache_bytes: int = 0) -> np.ndarray:
     """HSIC for all pairs from Gram tiles: each setting's Gram computed once (upper triangle), never stored.
 
@@ -180,7 +188,7 @@ def add_gram_tile(acc: np.ndarray, rows_x: Sequence[np.ndarray], rows_s: np.ndar
     add_products(acc, stack, 1.0 if same else 2.0)
 
 
-def gram_row_block(sources: Sequence[ArraySource], moments: Sequence[Moments], r0: int, tile: int, estimator: str,
+def gram_row_block(sources: Sequence[ArraySource], moments: Sequence[RunningMoments], r0: int, tile: int, estimator: str,
                    dtype: np.dtype, c_lo: int | None = None, c_hi: int | None = None) -> np.ndarray:
     """Unscaled HSIC terms (L × L) of the Gram tiles ``(r0, c0)`` for ``c0`` in ``[c_lo, c_hi)``.
 

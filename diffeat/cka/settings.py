@@ -1,22 +1,15 @@
-"""Naming feature settings (``block=24,t=90,pool=1``, an import name) and opening them from a store."""
+"""Naming feature settings: ``block=24,t=90,pool=1``, a grid of them, or an import name."""
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from diffeat.cka.api import CKAResult, cka_matrix
-from diffeat.cka.sources import FeatureSetSource
 from diffeat.errors import DiffeatError
-
-logger = logging.getLogger(__name__)
 
 _INT_KEYS = ("block", "t", "pool")
 _STR_KEYS = ("model", "name")
-
-
 @dataclass(frozen=True)
 class SettingSpec:
     """Which feature array to read: an extracted (block, t, pool) or an imported ``name``.
@@ -76,59 +69,3 @@ def grid(blocks: Iterable[int] = (), ts: Iterable[int] = (), pools: Iterable[int
     return [SettingSpec(b, t, k, model) for b in blocks for t in ts for k in pools]
 
 
-def open_specs(store: Any, dataset: str, split: str, specs: Sequence[SettingSpec],
-               model: str | None = None) -> list[FeatureSetSource]:
-    """Open each spec read-only from ``store`` (a ``FeatureStore``); ``model`` applies to extracted settings."""
-    from diffeat.store.reader import is_url
-
-    out = []
-    for spec in specs:
-        if spec.name is not None:
-            fs = store.open_features(dataset=dataset, split=split, name=spec.name, model=spec.model)
-        else:
-            fs = store.open_features(dataset=dataset, split=split, block=spec.block, t=spec.t, pool=spec.pool,
-                                     model=spec.model or model)
-        source = FeatureSetSource(fs)
-        if is_url(store.location):  # what dask workers need to open the array themselves (not in meta/JSON)
-            source.store_location, source.storage_options = store.location, store.storage_options
-        out.append(source)
-    return out
-
-
-def store_cka(store: str, dataset: str, split: str, a: Sequence[SettingSpec], b: Sequence[SettingSpec] | None = None,
-              *, model: str | None = None, storage_options: dict | None = None, scheduler: str | None = None,
-              workers: int | None = None, **options: Any) -> CKAResult:
-    """CKA between settings of a store (opened read-only: nothing is ever written to it).
-
-    ``a``/``b``: the row and column settings (``b`` defaults to ``a``); ``scheduler`` (address of
-    a running dask scheduler) or ``workers`` (a local cluster of that many processes, for this
-    call): compute the exact linear routes on a dask cluster (:mod:`diffeat.cka.cluster`);
-    other keywords are :func:`diffeat.cka.cka_matrix` options. The result's ``config`` records
-    the resolved settings.
-    """
-    from diffeat.cluster import check_cluster_options, cluster_client
-    from diffeat.store import open_store
-
-    check_cluster_options(scheduler, workers)
-    if not a:
-        raise DiffeatError("no settings to compare: give --a/--b, or --blocks/--t/--pool, or --name")
-    fs = open_store(store, mode="r", storage_options=storage_options)
-    rows = open_specs(fs, dataset, split, a, model)
-    cols = rows if b is None else open_specs(fs, dataset, split, b, model)
-    asked = {"scheduler": scheduler, "workers": workers}
-    if scheduler is not None or workers is not None:
-        single = {"RBF CKA": options.get("kernel", "linear") != "linear",
-                  "--route minibatch": options.get("route", "auto") == "minibatch",
-                  "--subsample (the subset is held in memory)": options.get("subsample") is not None}
-        reason = next((k for k, v in single.items() if v), None)
-        if reason:
-            logger.warning("%s runs in this process: only the exact linear routes (features, gram) use "
-                           "--scheduler/--workers", reason)
-            scheduler = workers = None
-    with cluster_client(scheduler, workers) as client:
-        result = cka_matrix(rows, cols, client=client, **options)
-    result.config = {"store": str(store), "dataset": dataset, "split": split, "model": model,
-                     "a": [str(s) for s in a], "b": None if b is None else [str(s) for s in b]}
-    if asked["scheduler"] is not None or asked["workers"] is not None:
-        result.config.update(asked, cluster_used=bool(result.plan.get("cluster", {}).get("used")))
-    return result

@@ -9,15 +9,13 @@ unless the planner decided it fits in the memory budget.
 from __future__ import annotations
 
 import logging
-import queue
-import threading
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import numpy as np
 
 from diffeat.errors import DiffeatError, StoreError
+from diffeat.store.streaming import RunningMoments, block_ranges, merge_all, prefetch
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +60,7 @@ class ArraySource:
 
     def block_ranges(self, rows: int) -> list[tuple[int, int]]:
         """``(lo, hi)`` of contiguous row blocks of about ``rows`` rows, rounded up to whole stored chunks."""
-        step = max(self.chunk_rows, -(-rows // self.chunk_rows) * self.chunk_rows)
-        return [(lo, min(self.n, lo + step)) for lo in range(0, self.n, step)]
+        return block_ranges(self.n, self.chunk_rows, rows)
 
     def iter_blocks(self, rows: int) -> Iterator[tuple[int, np.ndarray]]:
         """``(start, block)`` over :meth:`block_ranges`."""
@@ -83,10 +80,9 @@ class FeatureSetSource(ArraySource):
                          meta=meta)
         self.features = features
 
-    def iter_blocks(self, rows: int) -> Iterator[tuple[int, np.ndarray]]:
-        """Stream with ``FeatureSet.iter_blocks`` (chunk-aligned, one block in memory)."""
-        for lo, block in self.features.iter_blocks(rows=rows, dtype=self.dtype):
-            yield lo, block.reshape(len(block), self.dim)
+    def read(self, lo: int, hi: int) -> np.ndarray:
+        """Rows ``[lo, hi)`` through the store's reader, as a C-contiguous (hi-lo, D) float array."""
+        return self.features.read(lo, hi, self.dtype).reshape(hi - lo, self.dim)
 
 
 class LoadedSource(ArraySource):
@@ -106,7 +102,9 @@ def as_source(obj: Any, label: str) -> ArraySource:
     """Wrap an array, a zarr array or a ``FeatureSet`` as a source (sources pass through)."""
     if isinstance(obj, ArraySource):
         return obj
-    from diffeat.store.reader import FeatureSet  # zarr is only imported when a store is used
+    from diffeat.store.reader import (
+        FeatureSet,  # zarr is only imported when a store is used
+    )
 
     if isinstance(obj, FeatureSet):
         return FeatureSetSource(obj)
@@ -149,48 +147,6 @@ def check_aligned(sources: Sequence[ArraySource]) -> int:
     return ref.n
 
 
-def prefetch(items: Iterable[Any], depth: int = 1) -> Iterator[Any]:
-    """Iterate ``items`` with the next ``depth`` produced in a background thread.
-
-    Decoding zarr chunks (blosc releases the GIL) then overlaps with the BLAS work
-    on the previous block. Exceptions are re-raised in the caller.
-    """
-    if depth <= 0:
-        yield from items
-        return
-    q: queue.Queue = queue.Queue(maxsize=depth)
-    done = object()
-    stop = threading.Event()
-
-    def work() -> None:
-        try:
-            for item in items:
-                if stop.is_set():
-                    return
-                q.put((True, item))
-            q.put((True, done))
-        except BaseException as e:  # noqa: BLE001 - handed to the consumer
-            q.put((False, e))
-
-    thread = threading.Thread(target=work, name="diffeat-cka-read", daemon=True)
-    thread.start()
-    try:
-        while True:
-            ok, item = q.get()
-            if not ok:
-                raise item
-            if item is done:
-                return
-            yield item
-    finally:
-        stop.set()
-        while thread.is_alive():  # unblock a producer waiting on a full queue
-            try:
-                q.get_nowait()
-            except queue.Empty:
-                thread.join(timeout=0.05)
-
-
 def iter_rows(sources: Sequence[ArraySource], rows: int, lo: int = 0, hi: int | None = None,
               depth: int = 1) -> Iterator[tuple[int, list[np.ndarray]]]:
     """Common row blocks ``(start, [block of each source])`` over ``[lo, hi)``, read ahead in a thread."""
@@ -215,38 +171,9 @@ def gather_rows(sources: Sequence[ArraySource], index: np.ndarray, rows: int) ->
     return out
 
 
-@dataclass(frozen=True)
-class Moments:
-    """Column means and the total centered sum of squares ``S = ‖X - μ‖²_F`` (float64)."""
-
-    n: int
-    mean: np.ndarray
-    total: float
-
-
-def block_moments(block: np.ndarray) -> tuple[int, np.ndarray, float]:
-    """``(rows, column means, centered sum of squares)`` of one block, in float64."""
-    b = np.asarray(block, dtype=np.float64)
-    bmean = b.mean(axis=0)
-    bc = b - bmean
-    return len(b), bmean, float(np.einsum("ij,ij->", bc, bc))
-
-
-def merge_moments(parts: Iterable[tuple[int, np.ndarray, float]], dim: int) -> Moments:
-    """Fold per-block :func:`block_moments`, in order, with Chan's formula (no cancellation)."""
-    n, mean, total = 0, np.zeros(dim), 0.0
-    for m, bmean, bss in parts:
-        delta = bmean - mean
-        new_n = n + m
-        total += bss + float(delta @ delta) * n * m / new_n
-        mean += delta * (m / new_n)
-        n = new_n
-    return Moments(n, mean, total)
-
-
-def moments(source: ArraySource, rows: int) -> Moments:
-    """One streaming pass: means and ``S``, merged per block with Chan's formula (no cancellation)."""
-    return merge_moments((block_moments(block) for _, block in prefetch(source.iter_blocks(rows))), source.dim)
+def moments(source: ArraySource, rows: int) -> RunningMoments:
+    """One streaming pass: column means and centred sums of squares, merged per block (Chan et al.)."""
+    return merge_all((RunningMoments.of(block) for _, block in prefetch(source.iter_blocks(rows))), (source.dim,))
 
 
 def load(source: ArraySource, rows: int) -> LoadedSource:

@@ -51,7 +51,7 @@ def bench(arch, model, block, t, batch_size, resolution, dtype, device, images, 
     Example (the paper's setting, no checkpoint needed):
       diffeat bench --arch adm256 --block 24 --t 90 --device cuda
     """
-    from diffeat.bench import bench as run_bench
+    from diffeat.extract.bench import bench as run_bench
 
     result = run_bench(arch=arch, model=model, block=block, t=t, batch_size=batch_size, resolution=resolution,
                        dtype=dtype, device=device, images=images, image_size=_size(image_size), warmup=warmup,
@@ -63,7 +63,7 @@ def bench(arch, model, block, t, batch_size, resolution, dtype, device, images, 
 
 
 def format_result(r: dict) -> str:
-    """A human-readable report of a ``diffeat.bench.bench`` result."""
+    """A human-readable report of a ``diffeat.extract.bench.bench`` result."""
     peak = (f", {100 * r['fraction_of_peak']:.0f}% of the card's {r['peak_tflops']:.0f} dense bf16"
             if r["fraction_of_peak"] is not None else "")
     shape = "x".join(map(str, r["block_shape"]))

@@ -4,20 +4,27 @@ from __future__ import annotations
 
 import click
 
-from diffeat.cli.options import echo_json, parse_int_list, storage_options
+from diffeat.cli.options import (
+    JSON_OBJECT,
+    STORAGE_OPTIONS_HELP,
+    HiddenAliases,
+    echo_json,
+    parse_int_list,
+)
 
 
 @click.command()
 @click.option("--store", required=True, help="Feature store: a path or fsspec URL (opened read-only).")
-@click.option("--storage-options", "storage_opts", help="JSON of fsspec options for a remote store.")
+@click.option("--storage-options", type=JSON_OBJECT, help=STORAGE_OPTIONS_HELP)
 @click.option("--dataset", required=True, help="Dataset whose features to compare.")
 @click.option("--split", default="test", show_default=True, help="Split whose features to compare.")
 @click.option("--model", help="Model of the extracted settings (needed when the store holds several).")
-@click.option("--a", "a_specs", multiple=True, metavar="SETTING",
+@click.option("--a", "a", multiple=True, metavar="SETTING",
               help="Row setting(s): block=24,t=90,pool=1 or an import name (name=resnet50). Repeatable.")
-@click.option("--b", "b_specs", multiple=True, metavar="SETTING",
+@click.option("--b", "b", multiple=True, metavar="SETTING",
               help="Column setting(s) (default: the rows). One --a and one --b: a single CKA value.")
-@click.option("--blocks", multiple=True, help="Row settings from a grid: blocks (1-37, 19,24 or repeated) ...")
+@click.option("--block", "--blocks", "blocks", multiple=True, cls=HiddenAliases,
+              help="Row settings from a grid: blocks (1-37, 19,24 or repeated) ...")
 @click.option("--t", "ts", multiple=True, help="... times timesteps (e.g. 10,90,300) ...")
 @click.option("--pool", "pools", multiple=True, help="... times pool sizes.")
 @click.option("--name", "names", multiple=True, help="Imported feature sets to add to the rows (repeatable).")
@@ -25,11 +32,14 @@ from diffeat.cli.options import echo_json, parse_int_list, storage_options
 @click.option("--estimator", type=click.Choice(["unbiased", "biased"]), default="unbiased", show_default=True,
               help="HSIC estimator: unbiased (≈0 for unrelated features) or biased (Kornblith 2019).")
 @click.option("--route", type=click.Choice(["auto", "features", "gram", "minibatch"]), default="auto",
-              show_default=True, help="auto: the faster exact route that fits --memory; minibatch: Nguyen et al. "
+              show_default=True, help="auto: the faster exact route that fits --memory-budget; minibatch: Nguyen et al. "
               "2021 estimator over random batches.")
 @click.option("--precision", type=click.Choice(["float64", "float32"]), default="float64", show_default=True,
               help="dtype of block products (accumulators are always float64).")
-@click.option("--memory", help="Memory budget, e.g. 8GB (default: 60% of available memory).")
+@click.option("--memory-budget", "--memory", "memory_budget", cls=HiddenAliases,
+              help="Memory budget, e.g. 8G (default: 60% of available memory).")
+@click.option("--block-rows", type=int, help="Force the row block / Gram tile size (default: from the budget, "
+              "whole stored chunks).")
 @click.option("--batch-size", default=512, show_default=True, type=int, help="Minibatch route: rows per batch.")
 @click.option("--passes", default=1, show_default=True, type=int, help="Minibatch route: shuffled passes.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of minibatch shuffles and --subsample.")
@@ -43,9 +53,9 @@ from diffeat.cli.options import echo_json, parse_int_list, storage_options
 @click.option("--workers", type=int, metavar="N",
               help="Compute on a local dask cluster of N worker processes (1 thread each), started for this run.")
 @click.option("--out", type=click.Path(file_okay=False), help="Write cka.csv, cka.npy, cka.png and cka.json here.")
+@click.option("--title", help="Title of the heatmap (default: from the settings).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of text.")
-def cka(store, storage_opts, dataset, split, model, a_specs, b_specs, blocks, ts, pools, names, kernel, estimator,
-        route, precision, memory, batch_size, passes, seed, rbf_threshold, subsample, scheduler, workers, out, as_json):
+def cka(as_json, **options):
     """CKA between cached feature settings: one pair, or a matrix with a heatmap.
 
     Never writes to the store. Settings must come from the same dataset split (their
@@ -54,31 +64,21 @@ def cka(store, storage_opts, dataset, split, model, a_specs, b_specs, blocks, ts
     \b
     Examples:
       diffeat cka --store feats.zarr --dataset cub --a block=24,t=90,pool=1 --b block=19,t=90,pool=1
-      diffeat cka --store feats.zarr --dataset cub --blocks 1-37 --t 90 --pool 1 --out cka/
-      diffeat cka --store feats.zarr --dataset cub --blocks 1-37 --t 90 --b resnet50 --out cka/
-      diffeat cka --store feats.zarr --dataset cub --blocks 1-37 --t 90 --pool 1 --workers 8
+      diffeat cka --store feats.zarr --dataset cub --block 1-37 --t 90 --pool 1 --out cka/
+      diffeat cka --store feats.zarr --dataset cub --block 1-37 --t 90 --b resnet50 --out cka/
+      diffeat cka --store feats.zarr --dataset cub --block 1-37 --t 90 --pool 1 --workers 8
     """
-    from diffeat.cka.settings import SettingSpec, grid, store_cka
+    from diffeat.cka import CkaConfig, run_cka
 
-    rows = [SettingSpec.parse(s) for s in a_specs]
-    rows += grid(parse_int_list(blocks, "--blocks"), parse_int_list(ts, "--t"), parse_int_list(pools, "--pool"))
-    rows += [SettingSpec.parse(f"name={n}") for n in names]
-    cols = [SettingSpec.parse(s) for s in b_specs] or None
-    if not rows:
-        raise click.UsageError("give the settings to compare: --a (and --b), or --blocks/--t/--pool, or --name")
-    result = store_cka(store, dataset, split, rows, cols, model=model, storage_options=storage_options(storage_opts),
-                       kernel=kernel, estimator=estimator, route=route, precision=precision, memory=memory,
-                       batch_size=batch_size, passes=passes, seed=seed, rbf_threshold=rbf_threshold,
-                       subsample=subsample, scheduler=scheduler, workers=workers)
-    files = {}
-    if out:
-        from diffeat.cka.output import write_outputs
-
-        files = write_outputs(result, out)
-    pair = result.matrix.shape == (1, 1) and cols is not None
+    for name, flag in (("blocks", "--block"), ("ts", "--t"), ("pools", "--pool")):
+        options[name] = parse_int_list(options[name], flag)
+    if not (options["a"] or options["blocks"] or options["ts"] or options["pools"] or options["names"]):
+        raise click.UsageError("give the settings to compare: --a (and --b), or --block/--t/--pool, or --name")
+    result = run_cka(CkaConfig(**options))
+    pair = result.matrix.shape == (1, 1) and bool(options["b"])
     if as_json:
         doc = result.pair_json() if pair else result.matrix_json()
-        echo_json({**doc, "files": files} if files else doc)
+        echo_json({**doc, "files": result.files} if result.files else doc)
         return
     if pair:
         click.echo(f"CKA({result.row_labels[0]}, {result.col_labels[0]}) = {result.value:.4f}  "
@@ -86,7 +86,7 @@ def cka(store, storage_opts, dataset, split, model, a_specs, b_specs, blocks, ts
                    f"{result.seconds:.1f} s]")
     else:
         _print_matrix(result)
-    for path in files.values():
+    for path in result.files.values():
         click.echo(f"wrote {path}")
 
 

@@ -24,7 +24,7 @@ def demo(out, model, force, threads):
     import torch
 
     from diffeat.cli.run import describe
-    from diffeat.demo import run_demo
+    from diffeat.pipelines.demo import run_demo
 
     if threads < 1:
         raise click.BadParameter("must be at least 1", param_hint="--threads")

@@ -11,7 +11,7 @@ from diffeat.cli.options import echo_json
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def env(as_json):
     """Print diffeat, Python, library versions and the devices torch sees."""
-    from diffeat.envinfo import environment
+    from diffeat.runtime.envinfo import environment
 
     info = environment()
     if as_json:

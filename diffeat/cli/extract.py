@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import click
 
-from diffeat.cli.options import BATCH_SIZE, echo_json, parse_int_list, storage_options
+from diffeat.cli.options import (
+    BATCH_SIZE,
+    JSON_OBJECT,
+    STORAGE_OPTIONS_HELP,
+    echo_json,
+    parse_int_list,
+)
 
 
 @click.command()
@@ -18,35 +24,36 @@ from diffeat.cli.options import BATCH_SIZE, echo_json, parse_int_list, storage_o
 @click.option("--pool", "pools", multiple=True, default=("1",), show_default=True,
               help="Adaptive average pool size(s) k (features are C x k x k).")
 @click.option("--store", required=True, help="Feature store: a path or fsspec URL (s3://bucket/prefix).")
-@click.option("--storage-options", "storage_opts", help="JSON of fsspec options for a remote store.")
+@click.option("--storage-options", type=JSON_OBJECT, help=STORAGE_OPTIONS_HELP)
 @click.option("--split", "splits", multiple=True, help="Split(s) to extract (default: the dataset's standard "
               "train and test splits; 'all' for every split).")
 @click.option("--classes", type=click.Path(dir_okay=False, exists=True), help="imagenet only: file of wnids to keep.")
+@click.option("--limit", type=int, help="Only the first N samples of each split (a dry run).")
+@click.option("--resolution", type=int, help="Input resolution (default: the model's sample size).")
 @click.option("--batch-size", default="auto", show_default=True, type=BATCH_SIZE,
               help="Images per batch, or auto: the largest power of two that fits GPU memory (32 on CPU).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")
 @click.option("--dtype", default="float32", show_default=True,
               type=click.Choice(["float32", "bfloat16", "float16"]), help="Compute precision of the U-Net.")
-@click.option("--store-dtype", default="float16", show_default=True, type=click.Choice(["float16", "float32"]))
+@click.option("--store-dtype", default="float16", show_default=True, type=click.Choice(["float16", "float32"]),
+              help="Precision of the stored features.")
 @click.option("--num-workers", type=int, help="Loader worker processes (default: auto).")
 @click.option("--seed", default=0, show_default=True, type=int, help="Noise seed (noise is per sample id and t).")
 @click.option("--noise-draws", default=1, show_default=True, type=int, help="Average features over this many "
               "noise draws.")
-@click.option("--limit", type=int, help="Only the first N samples of each split (a dry run).")
-@click.option("--resolution", type=int, help="Input resolution (default: the model's sample size).")
+@click.option("--chunk-rows", type=int, help="Rows per stored chunk (a power of two; default: ~2 MiB chunks, "
+              "64 MiB shards). Smaller chunks mean smaller units of work for many writers.")
 @click.option("--scheduler", help="Run on this dask.distributed scheduler (tcp://host:8786): whole units of every "
               "setting are spread over its workers.")
 @click.option("--workers", type=int, help="Run on a local dask cluster of this many worker processes.")
-@click.option("--chunk-rows", type=int, help="Rows per stored chunk (a power of two; default: ~2 MiB chunks, "
-              "64 MiB shards). Smaller chunks mean smaller units of work for many writers.")
 @click.option("--wait/--no-wait", default=True, show_default=True, help="When other writers hold units of these "
               "settings, wait for them (taking over any whose claim expires) before returning.")
-@click.option("--compile/--no-compile", "compile_", default=None, help="torch.compile the truncated forward "
+@click.option("--compile/--no-compile", default=None, help="torch.compile the truncated forward "
               "(default: on CUDA only; compiling takes a minute once per run).")
+@click.option("--progress/--no-progress", default=None, help="A progress bar (default: on a terminal; log lines "
+              "otherwise).")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def extract(dataset, root, model, blocks, ts, pools, store, storage_opts, splits, classes, batch_size, device, dtype,
-            store_dtype, num_workers, seed, noise_draws, limit, resolution, scheduler,
-            workers, chunk_rows, wait, compile_, as_json):
+def extract(as_json, **options):
     """Extract pooled block features of a dataset into a feature store.
 
     One forward pass per batch and t captures every --block and stops after the
@@ -58,21 +65,13 @@ def extract(dataset, root, model, blocks, ts, pools, store, storage_opts, splits
       diffeat extract --dataset cub --root /data/CUB_200_2011 --model /models/adm256 \\
           --block 24 --t 90 --t 150 --pool 1 --pool 2 --store feats.zarr
     """
-    from diffeat.extract import extract as run_extract
-    from diffeat.store import open_store
+    from diffeat.extract import ExtractConfig, run_extract
 
-    fs = open_store(store, mode="a", storage_options=storage_options(storage_opts))
-    report = run_extract(
-        dataset=dataset, root=root, model=model, blocks=parse_int_list(blocks, "--block"),
-        ts=parse_int_list(ts, "--t"), pools=parse_int_list(pools, "--pool"), store=fs, splits=list(splits) or None,
-        classes=classes, batch_size=batch_size, device=device, dtype=dtype, store_dtype=store_dtype,
-        num_workers=num_workers, seed=seed, noise_draws=noise_draws, limit=limit, resolution=resolution,
-        scheduler=scheduler, workers=workers, chunk_rows=chunk_rows, wait=wait, compile=compile_,
-    )
+    for name, flag in (("blocks", "--block"), ("ts", "--t"), ("pools", "--pool")):
+        options[name] = parse_int_list(options[name], flag)
+    report = run_extract(ExtractConfig(**options))
     if as_json:
-        echo_json({"model": report.model, "dataset": report.dataset, "store": report.store,
-                   "images": report.images, "seconds": round(report.seconds, 3), "workers": report.workers,
-                   "settings": [s.as_dict() for s in report.settings]})
+        echo_json(report.as_dict())
         return
     for s in report.settings:
         click.echo(f"{s.outcome:10s} {s.split:8s} block {s.block:>2} t {s.t:>3} pool {s.pool}  "

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import click
 
-from diffeat.cli.options import echo_json, storage_options
+from diffeat.cli.options import JSON_OBJECT, STORAGE_OPTIONS_HELP, echo_json
 
 
 @click.command("import")
 @click.argument("source")
 @click.option("--store", required=True, help="Feature store: a path or fsspec URL (must already hold the "
               "dataset split's sample table, i.e. something was extracted for it).")
-@click.option("--storage-options", "storage_opts", help="JSON of fsspec options for a remote store.")
+@click.option("--storage-options", type=JSON_OBJECT, help=STORAGE_OPTIONS_HELP)
 @click.option("--dataset", required=True, help="Dataset the features belong to.")
 @click.option("--split", required=True, help="Split the features belong to.")
 @click.option("--name", required=True, help="Name of the imported set (letters, digits, '.', '_', '-').")
@@ -23,7 +23,7 @@ from diffeat.cli.options import echo_json, storage_options
 @click.option("--store-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace an existing import of that name with different contents.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def import_features(source, store, storage_opts, dataset, split, name, model, ids_file, store_dtype, overwrite,
+def import_features(source, store, storage_options, dataset, split, name, model, ids_file, store_dtype, overwrite,
                     as_json):
     """Import SOURCE (.npy of shape (N, D) or (N, C, k, k), or a zarr array path/URL) as features NAME.
 
@@ -39,7 +39,7 @@ def import_features(source, store, storage_opts, dataset, split, name, model, id
     if ids_file:
         with open(ids_file) as f:
             ids = [line.strip() for line in f if line.strip()]
-    fs = open_store(store, mode="a", storage_options=storage_options(storage_opts))
+    fs = open_store(store, mode="a", storage_options=storage_options)
     result = run_import(fs, dataset, split, name, array, attrs=described, ids=ids, model=model,
                         store_dtype=store_dtype, overwrite=overwrite)
     info = result.info

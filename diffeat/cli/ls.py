@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from diffeat.cli.options import echo_json, storage_options
+from diffeat.cli.options import JSON_OBJECT, STORAGE_OPTIONS_HELP, echo_json
 
 JSON_FIELDS = ("model", "dataset", "split", "block", "t", "pool", "name", "shape", "dtype", "status", "path",
                "created", "created_by", "completed", "stored_bytes", "settings_hash")
@@ -22,9 +22,9 @@ def _size(n: int | None) -> str:
 
 @click.command()
 @click.option("--store", required=True, help="Feature store: a path or fsspec URL.")
-@click.option("--storage-options", "storage_opts", help="JSON of fsspec options for a remote store.")
+@click.option("--storage-options", type=JSON_OBJECT, help=STORAGE_OPTIONS_HELP)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list instead of a table.")
-def ls(store, storage_opts, as_json):
+def ls(store, storage_options, as_json):
     """List the feature settings in a store (read-only).
 
     Reads the store's catalog (one listing of `_catalog/`), so it is fast on remote
@@ -32,7 +32,7 @@ def ls(store, storage_opts, as_json):
     """
     from diffeat.store import open_store
 
-    settings = open_store(store, mode="r", storage_options=storage_options(storage_opts)).list_settings()
+    settings = open_store(store, mode="r", storage_options=storage_options).list_settings()
     if as_json:
         echo_json([{k: v for k, v in s.as_dict().items() if k in JSON_FIELDS} for s in settings])
         return

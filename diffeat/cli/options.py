@@ -26,19 +26,6 @@ def parse_int_list(values: tuple[str, ...], option: str) -> list[int]:
     return out
 
 
-def storage_options(value: str | None) -> dict | None:
-    """Parse ``--storage-options JSON`` (fsspec keyword arguments for remote stores)."""
-    if not value:
-        return None
-    try:
-        parsed = json.loads(value)
-    except json.JSONDecodeError as e:
-        raise click.BadParameter(f"not valid JSON: {e}", param_hint="--storage-options")
-    if not isinstance(parsed, dict):
-        raise click.BadParameter("must be a JSON object", param_hint="--storage-options")
-    return parsed
-
-
 def echo_json(obj: object) -> None:
     """Print one JSON document on stdout."""
     click.echo(json.dumps(obj, indent=2, default=str))
@@ -66,3 +53,45 @@ class BatchSizeType(click.ParamType):
 
 #: Shared by every command with a --batch-size that accepts "auto".
 BATCH_SIZE = BatchSizeType()
+
+
+class JsonObjectType(click.ParamType):
+    """A JSON object given on the command line (``--storage-options '{"anon": true}'``)."""
+
+    name = "JSON"
+
+    def convert(self, value, param, ctx):
+        if value is None or isinstance(value, dict):
+            return value
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError as e:
+            self.fail(f"not valid JSON: {e}", param, ctx)
+        if not isinstance(parsed, dict):
+            self.fail("must be a JSON object", param, ctx)
+        return parsed
+
+
+#: ``--storage-options JSON``: fsspec keyword arguments for a remote store (every command with --store).
+JSON_OBJECT = JsonObjectType()
+
+STORAGE_OPTIONS_HELP = "JSON of fsspec options for a remote store (credentials, endpoint_url ...)."
+
+
+class HiddenAliases(click.Option):
+    """An option whose later spellings still work but are left out of ``--help`` (renamed options).
+
+    ``@click.option("--memory-budget", "--memory", "memory_budget", cls=HiddenAliases)``: help
+    shows ``--memory-budget`` only; ``--memory`` is accepted as before.
+    """
+
+    def get_help_record(self, ctx):
+        record = super().get_help_record(ctx)
+        if record is None:
+            return None
+        shown = self.opts[0] + ("" if self.is_flag else f" {self.make_metavar(ctx)}")
+        return shown, record[1]
+
+
+#: CLI parameters that shape what a command prints, not what it computes: not fields of its record.
+OUTPUT_PARAMS = frozenset({"as_json"})

@@ -4,9 +4,19 @@ from __future__ import annotations
 
 import click
 
-from diffeat.cli.options import echo_json, parse_int_list, storage_options
+from diffeat.cli.options import (
+    JSON_OBJECT,
+    STORAGE_OPTIONS_HELP,
+    echo_json,
+    parse_int_list,
+)
 
 HEAD_NAMES = ("linear", "mlp", "cnn", "attention", "knn", "logistic")  # checked again by the library registry
+
+#: Per-head flags, folded into the record's ``head_options`` field: parameter -> (head, option).
+HEAD_FLAGS = {"linear_bn": ("linear", "batchnorm"), "mlp_hidden": ("mlp", "hidden"), "cnn_width": ("cnn", "width"),
+              "cnn_depth": ("cnn", "depth"), "attn_dim": ("attention", "dim"), "attn_depth": ("attention", "depth"),
+              "attn_heads": ("attention", "heads")}
 
 
 def _floats(values: tuple[str, ...], option: str) -> list[float] | None:
@@ -24,7 +34,7 @@ def _floats(values: tuple[str, ...], option: str) -> list[float] | None:
 
 @click.command()
 @click.option("--store", required=True, help="Feature store: a path or fsspec URL (opened read-only).")
-@click.option("--storage-options", "storage_opts", help="JSON of fsspec options for a remote store.")
+@click.option("--storage-options", type=JSON_OBJECT, help=STORAGE_OPTIONS_HELP)
 @click.option("--scheduler", help="A dask scheduler (tcp://host:8786) for the statistics pass of splits "
               "streamed from the store; training stays in this process.")
 @click.option("--workers", type=int, help="... or a local dask cluster of this many processes.")
@@ -60,20 +70,17 @@ def _floats(values: tuple[str, ...], option: str) -> list[float] | None:
 @click.option("--attn-depth", type=int, help="attention: transformer blocks [default: 2].")
 @click.option("--attn-heads", type=int, help="attention: attention heads [default: 8].")
 @click.option("--knn-k", default=20, show_default=True, type=int, help="knn: neighbours.")
-@click.option("--knn-t", default=0.07, show_default=True, type=float, help="knn: temperature.")
+@click.option("--knn-t", "knn_temperature", default=0.07, show_default=True, type=float, help="knn: temperature.")
 @click.option("--C", "cs", multiple=True, help="logistic: C values to search [default: 1e-5 ... 10].")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--memory-budget", help="RAM a split may take before it is streamed from the store, e.g. 8G "
-              "[default: a quarter of physical memory].")
+              "[default: 60% of available memory].")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--out", default="results", show_default=True, type=click.Path(file_okay=False),
               help="Results directory (a run folder with results.csv, run.json and heads/ is created in it).")
 @click.option("--save-weights/--no-save-weights", default=True, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document (a list of results) instead of text.")
-def probe(store, storage_opts, scheduler, workers, dataset, model, blocks, ts, pools, name, heads, train_split, test_split,
-          val_fraction, lrs, wds, epochs, min_steps, batch_size, standardize, refit, linear_bn, mlp_hidden, cnn_width,
-          cnn_depth, attn_dim, attn_depth, attn_heads, knn_k, knn_t, cs, device, memory_budget, seed, out,
-          save_weights, as_json):
+def probe(as_json, linear_bn, mlp_hidden, cnn_width, cnn_depth, attn_dim, attn_depth, attn_heads, **options):
     """Train heads on cached features; choose hyperparameters on validation; test once.
 
     Never writes to the store. Results go to OUT/probe-<time>-<id>/ (results.csv in
@@ -90,34 +97,28 @@ def probe(store, storage_opts, scheduler, workers, dataset, model, blocks, ts, p
     # Before torch loads OpenMP: idle threads sleep instead of spinning. On a loaded 2-core machine
     # spinning threads made a digits probe 20x slower (76 s vs 3.6 s); big matmuls do not notice.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    from diffeat.probe import probe as run_probe
+    from diffeat.probe import ProbeConfig, run_probe
 
-    heads = list(heads) or ["linear"]
+    options["heads"] = list(options["heads"]) or ["linear"]
+    for name, flag in (("blocks", "--block"), ("ts", "--t"), ("pools", "--pool")):
+        options[name] = parse_int_list(options[name], flag)
+    for name, flag in (("lrs", "--lr"), ("wds", "--wd"), ("cs", "--C")):
+        options[name] = _floats(options[name], flag)
+    given = {"linear_bn": True if linear_bn else None,
+             "mlp_hidden": parse_int_list((mlp_hidden,), "--mlp-hidden") if mlp_hidden else None,
+             "cnn_width": cnn_width, "cnn_depth": cnn_depth, "attn_dim": attn_dim, "attn_depth": attn_depth,
+             "attn_heads": attn_heads}
     head_options: dict[str, dict] = {}
-    given = {
-        ("linear", "batchnorm", "--linear-bn"): True if linear_bn else None,
-        ("mlp", "hidden", "--mlp-hidden"): [int(h) for h in parse_int_list((mlp_hidden,), "--mlp-hidden")]
-        if mlp_hidden else None,
-        ("cnn", "width", "--cnn-width"): cnn_width, ("cnn", "depth", "--cnn-depth"): cnn_depth,
-        ("attention", "dim", "--attn-dim"): attn_dim, ("attention", "depth", "--attn-depth"): attn_depth,
-        ("attention", "heads", "--attn-heads"): attn_heads,
-    }
-    for (head, key, option), value in given.items():
+    for param, value in given.items():
         if value is None:
             continue
-        if head not in heads:
-            raise click.BadParameter(f"{option} is an option of the {head} head, which is not asked for "
-                                     f"(add --head {head})", param_hint=option)
+        head, key = HEAD_FLAGS[param]
+        if head not in options["heads"]:
+            flag = "--" + param.replace("_", "-")
+            raise click.BadParameter(f"{flag} is an option of the {head} head, which is not asked for "
+                                     f"(add --head {head})", param_hint=flag)
         head_options.setdefault(head, {})[key] = value
-    report = run_probe(
-        store=store, storage_options=storage_options(storage_opts), scheduler=scheduler, workers=workers, dataset=dataset, model=model, name=name,
-        blocks=parse_int_list(blocks, "--block") or None, ts=parse_int_list(ts, "--t") or None,
-        pools=parse_int_list(pools, "--pool") or None, heads=heads, train_split=train_split, test_split=test_split,
-        val_fraction=val_fraction, lrs=_floats(lrs, "--lr"), wds=_floats(wds, "--wd"), epochs=epochs,
-        min_steps=min_steps, batch_size=batch_size, standardize=standardize, refit=refit,
-        head_options=head_options, knn_k=knn_k, knn_temperature=knn_t, cs=_floats(cs, "--C"), device=device,
-        memory_budget=memory_budget, seed=seed, out=out, save_weights=save_weights,
-    )
+    report = run_probe(ProbeConfig(**options, head_options=head_options))
     if as_json:
         echo_json(report.summaries())
         return

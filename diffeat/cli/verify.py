@@ -6,18 +6,18 @@ import sys
 
 import click
 
-from diffeat.cli.options import echo_json, storage_options
+from diffeat.cli.options import JSON_OBJECT, STORAGE_OPTIONS_HELP, echo_json
 
 
 @click.command()
 @click.option("--store", required=True, help="Feature store: a path or fsspec URL (read-only is enough).")
-@click.option("--storage-options", "storage_opts", help="JSON of fsspec options for a remote store.")
+@click.option("--storage-options", type=JSON_OBJECT, help=STORAGE_OPTIONS_HELP)
 @click.option("--setting", "settings", multiple=True, help="Only this setting: its array path, folder name or "
               "settings-hash prefix (repeatable; default: every setting).")
 @click.option("--repair", is_flag=True, help="Unflag damaged units so that the same `diffeat extract` recomputes "
               "them, and rewrite stale catalog entries (needs write access).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def verify(store, storage_opts, settings, repair, as_json):
+def verify(store, storage_options, settings, repair, as_json):
     """Read every chunk of a store; check checksums, completeness and provenance.
 
     Exits with status 1 when anything is damaged or inconsistent. Damaged units are
@@ -26,7 +26,7 @@ def verify(store, storage_opts, settings, repair, as_json):
     from diffeat.store import open_store
     from diffeat.store.verify import verify as run_verify
 
-    fs = open_store(store, mode="a" if repair else "r", storage_options=storage_options(storage_opts))
+    fs = open_store(store, mode="a" if repair else "r", storage_options=storage_options)
     report = run_verify(fs, settings=list(settings) or None, repair=repair)
     if as_json:
         echo_json(report.as_dict())

@@ -16,6 +16,7 @@ from PIL import Image
 
 from diffeat.data.table import SampleTable
 from diffeat.errors import DatasetError
+from diffeat.runtime.checks import check_choice
 
 logger = logging.getLogger(__name__)
 
@@ -50,8 +51,7 @@ class DatasetLayout:
 
     def samples(self, split: str) -> SampleTable:
         """The sample table of ``split``; an unknown split raises :class:`DatasetError` listing the valid ones."""
-        if split not in self.splits:
-            raise DatasetError(f"{self.name} has no split {split!r}; valid splits: {', '.join(self.splits)}")
+        check_choice(split, self.splits, f"{self.name} split", error=DatasetError)
         if split not in self._tables:
             table = self._read(split)
             logger.info("%s/%s: %d samples, %d classes", self.name, split, len(table), len(table.class_names))
@@ -95,4 +95,5 @@ class DatasetLayout:
         if not ids:
             raise DatasetError(f"{self.name} split {split!r} under {self.root} has no samples. {self.expected()}")
         return SampleTable(dataset=self.name, split=split, root=self.root, ids=tuple(ids), relpaths=tuple(relpaths),
-                           labels=np.asarray(labels, dtype=np.int64), class_names=tuple(class_names))
+                           labels=np.asarray(labels, dtype=np.int64), class_names=tuple(class_names),
+                           builtin_image=type(self).builtin_image if self.builtin else None)

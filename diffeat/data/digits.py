@@ -24,7 +24,9 @@ _PREFIX = "digits-"
 @lru_cache(maxsize=1)
 def _digits() -> tuple[np.ndarray, np.ndarray]:
     """All digits as uint8 (N, 32, 32) images and int64 targets; loaded once per process."""
-    from sklearn.datasets import load_digits  # sklearn is slow to import; only this dataset needs it
+    from sklearn.datasets import (
+        load_digits,  # sklearn is slow to import; only this dataset needs it
+    )
 
     data = load_digits()
     pixels = np.rint(data.images * (255.0 / 16.0)).astype(np.uint8)
@@ -46,7 +48,8 @@ class Digits(DatasetLayout):
         _, targets = _digits()
         rows = [i for i in range(len(targets)) if (i % 5 == 0) == (split == "test")]
         return SampleTable(dataset=self.name, split=split, root=None, ids=tuple(f"{_PREFIX}{i:04d}" for i in rows),
-                           relpaths=("",) * len(rows), labels=targets[rows], class_names=tuple(map(str, range(10))))
+                           relpaths=("",) * len(rows), labels=targets[rows], class_names=tuple(map(str, range(10))),
+                           builtin_image=Digits.builtin_image)
 
     @staticmethod
     def builtin_image(sample_id: str) -> Image.Image:

@@ -65,7 +65,9 @@ def parse_int(path: Path, lineno: int, fields: tuple[str, ...], line: str, value
 
 def load_mat(path: Path, keys: tuple[str, ...]) -> dict[str, np.ndarray]:
     """Load the variables ``keys`` of a MATLAB file (squeezed: 1×N becomes N, cells become object arrays)."""
-    from scipy.io import loadmat  # scipy is slow to import; only the .mat layouts need it
+    from scipy.io import (
+        loadmat,  # scipy is slow to import; only the .mat layouts need it
+    )
 
     if not path.is_file():
         raise DatasetError(f"missing file {path}")

@@ -13,6 +13,7 @@ from diffeat.data.dogs import Dogs
 from diffeat.data.flowers import Flowers
 from diffeat.data.folders import ImageFolder, ImageNet
 from diffeat.errors import DatasetError
+from diffeat.runtime.checks import check_choice
 
 #: Every dataset layout diffeat reads; a new layout is one module plus one line here.
 DATASETS: dict[str, type[DatasetLayout]] = {
@@ -35,8 +36,7 @@ def open_dataset(name: str, root: str | Path | None = None, *, classes: str | Pa
     none; ``classes`` (a wnid list file) is accepted by ``imagenet`` only. Every
     mistake raises :class:`DatasetError` saying what to pass or which file is missing.
     """
-    if name not in DATASETS:
-        raise DatasetError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
+    check_choice(name, DATASETS, "--dataset", error=DatasetError)
     layout = DATASETS[name]
     if layout.builtin and root is not None:
         raise DatasetError(f"{name} is built in and takes no root (got {root})")

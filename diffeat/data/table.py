@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -43,6 +44,8 @@ class SampleTable:
     relpaths: tuple[str, ...]
     labels: np.ndarray
     class_names: tuple[str, ...]
+    #: How a built-in dataset (``root is None``) decodes a sample id: its layout's ``builtin_image``.
+    builtin_image: Callable[[str], Image.Image] | None = None
 
     def __post_init__(self) -> None:
         # Normalise what readers pass (lists, Python ints) so equal tables hash equally.
@@ -130,8 +133,7 @@ class SampleTable:
     def load_image(self, i: int) -> Image.Image:
         """Row ``i`` as an RGB PIL image; an undecodable file raises :class:`DatasetError` naming its path."""
         if self.root is None:
-            # Imported here: the registry imports every layout, and layouts import this module.
-            from diffeat.data.registry import DATASETS
-
-            return DATASETS[self.dataset].builtin_image(self.ids[i])
+            if self.builtin_image is None:
+                raise DatasetError(f"{self.dataset} has no files and no built-in images")
+            return self.builtin_image(self.ids[i])
         return decode_image(self.path(i))

@@ -20,8 +20,17 @@ import multiprocessing
 import os
 import platform
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from diffeat.errors import DiffeatError
+from diffeat.extract.config import ExtractConfig
+from diffeat.extract.forward import default_workers
+from diffeat.extract.results import ExtractReport
+from diffeat.extract.work import SplitWork
+from diffeat.runtime.progress import Progress
+
+if TYPE_CHECKING:
+    from distributed import Client
 
 logger = logging.getLogger(__name__)
 
@@ -39,49 +48,33 @@ class SettingJob:
 
 @dataclass(frozen=True)
 class SplitJob:
-    """What a worker needs to compute units of one split (small, picklable)."""
+    """What a worker needs to compute units of one split (small, picklable): the options record
+    (paths made absolute) plus what the coordinator resolved and workers must agree with."""
 
-    store: str
-    storage_options: dict | None
-    model: str
-    weights_sha256: str
-    dataset: str
-    root: str | None
-    classes: str | None
+    config: ExtractConfig
     split: str
-    limit: int | None
+    weights_sha256: str
     manifest_sha256: str
-    settings: tuple[SettingJob, ...]
-    blocks: tuple[int, ...]
-    ts: tuple[int, ...]
-    pools: tuple[int, ...]
     res: int
-    device: str
-    dtype: str
-    store_dtype: str
-    batch_size: int | str
-    num_workers: int | None
-    seed: int
-    draws: int
-    chunk_rows: int | None
-    compile: bool | None = None
+    settings: tuple[SettingJob, ...]
 
     def cache_key(self) -> tuple:
-        """What a worker may reuse between tasks of this job."""
-        return (self.store, self.model, self.weights_sha256, self.dataset, self.root, self.split, self.limit,
-                self.manifest_sha256, tuple(s.path for s in self.settings), self.device, self.dtype)
+        """What a worker may reuse between tasks of this job: everything of it."""
+        return (self.config.key(), self.split, self.weights_sha256, self.manifest_sha256, self.res,
+                tuple(s.path for s in self.settings))
 
 
-_WORKER_CACHE: dict[tuple, object] = {}  # per worker process: the model, store and writers of the last job
-MODEL_LOADS = [0]  # models this worker process has loaded (tests check: once per worker and job)
+# Per worker process: the SplitWork (model, store, writers, prepared forward) of the last job, so
+# the model is loaded once per worker and job however many tasks the worker runs.
+_WORKER_CACHE: dict[tuple, SplitWork] = {}
 
 
-def _work_for(job: SplitJob):
-    """The worker's ``SplitWork`` for ``job``: model loaded and store opened once per worker."""
+def _work_for(job: SplitJob) -> tuple[SplitWork, bool]:
+    """The worker's ``SplitWork`` for ``job`` and whether this call loaded the model."""
     from diffeat.data import open_dataset
-    from diffeat.devices import resolve_device
-    from diffeat.extract.tasks import SplitWork
+    from diffeat.extract.forward import ForwardCache
     from diffeat.models.loading import load_model
+    from diffeat.runtime.devices import resolve_device
     from diffeat.store import open_store
     from diffeat.store.writer import SettingWriter
 
@@ -90,63 +83,62 @@ def _work_for(job: SplitJob):
     if work is not None:
         for w in work.writers.values():
             w.refresh()
-        return work
+        return work, False
     _WORKER_CACHE.clear()  # one job at a time: free the previous model
-    tab = open_dataset(job.dataset, job.root, classes=job.classes).samples(job.split)
-    tab = tab.head(job.limit) if job.limit is not None else tab
+    c = job.config
+    tab = open_dataset(c.dataset, c.root, classes=c.classes).samples(job.split)
+    tab = tab.head(c.limit) if c.limit is not None else tab
     if tab.manifest_sha256() != job.manifest_sha256:
-        raise DiffeatError(f"worker {platform.node()}: dataset {job.dataset}/{job.split} at {job.root} differs from "
+        raise DiffeatError(f"worker {platform.node()}: dataset {c.dataset}/{job.split} at {c.root} differs from "
                            "the coordinator's (manifest hash): workers must see the same files")
-    loaded = load_model(job.model)
-    MODEL_LOADS[0] += 1
+    loaded = load_model(c.model)
     if loaded.weights_sha256 != job.weights_sha256:
-        raise DiffeatError(f"worker {platform.node()}: model {job.model} has other weights than the coordinator's "
+        raise DiffeatError(f"worker {platform.node()}: model {c.model} has other weights than the coordinator's "
                            f"({loaded.weights_sha256[:12]} != {job.weights_sha256[:12]})")
-    fs = open_store(job.store, mode="a", storage_options=job.storage_options)
-    writers = {s.key: SettingWriter.open(fs, s.path, s.shape, job.store_dtype, s.attrs, s.label,
-                                         chunk_rows=job.chunk_rows) for s in job.settings}
+    fs = open_store(c.store, mode="a", storage_options=c.storage_options)
+    writers = {s.key: SettingWriter.open(fs, s.path, s.shape, c.store_dtype, s.attrs, s.label,
+                                         chunk_rows=c.chunk_rows) for s in job.settings}
+    dev = resolve_device(c.device)
     # Dask workers are daemonic processes, which may not start loader processes of their own.
-    num_workers = 0 if multiprocessing.current_process().daemon else job.num_workers
-    work = SplitWork(loaded.unet, tab, writers, list(job.blocks), list(job.ts), list(job.pools), job.res,
-                     resolve_device(job.device), job.dtype, job.batch_size, num_workers, job.seed, job.draws,
-                     progress=False, compile=job.compile)
+    num_workers = 0 if multiprocessing.current_process().daemon else (
+        c.num_workers if c.num_workers is not None else default_workers(dev))
+    work = SplitWork(c, loaded.unet, tab, writers, job.res, dev, num_workers, ForwardCache(), progress=False)
     _WORKER_CACHE[key] = work
-    return work
+    return work, True
 
 
 def cluster_task(job: SplitJob, lo: int, hi: int) -> dict:
     """One dask task: claim and compute the units of rows [lo, hi); return counts."""
-    from diffeat.extract.run import ExtractReport
     from diffeat.extract.tasks import run_task
 
-    work = _work_for(job)
-    report = ExtractReport(model=job.model, dataset=job.dataset, store=job.store)
+    work, loaded = _work_for(job)
+    report = ExtractReport(model=job.config.model, dataset=job.config.dataset, store=job.config.store)
     before = {s.key: work.writers[s.key].written for s in job.settings}
     units = run_task(work, lo, hi, report)
     return {"units": units, "images": report.images, "forwards": report.forwards,
             "written": {work.writers[k].path: work.writers[k].written - n for k, n in before.items()},
-            "worker": f"{platform.node()}:{os.getpid()}"}
+            "worker": f"{platform.node()}:{os.getpid()}", "model_loaded": loaded}
 
 
-def run_on_cluster(client, job: SplitJob, tasks: list[tuple[int, int]], report, *, gpu: bool,
-                   progress: bool | None = None) -> dict[str, int]:
+def run_on_cluster(client: Client, job: SplitJob, tasks: list[tuple[int, int]], report: ExtractReport, *,
+                   gpu: bool) -> dict[str, int]:
     """Run ``tasks`` of ``job`` on the cluster; add images/forwards to ``report``; units written per array path."""
     from distributed import as_completed
-
-    from diffeat.progress import Progress
 
     resources = {"GPU": 1} if gpu else None
     futures = [client.submit(cluster_task, job, lo, hi, resources=resources, pure=False,
                              key=f"diffeat-extract-{job.split}-{lo}-{os.getpid()}") for lo, hi in tasks]
+    c = job.config
     written: dict[str, int] = {}
     workers: set[str] = set()
-    bar = Progress(len(tasks), f"extract {job.dataset}/{job.split} on the cluster", enabled=progress)
+    bar = Progress(len(tasks), f"extract {c.dataset}/{job.split} on the cluster", enabled=c.progress)
     try:
         for future in as_completed(futures):
             r = future.result()  # re-raises a worker's error here
             report.images += r["images"]
             report.forwards += r["forwards"]
             workers.add(r["worker"])
+            report.model_loads[r["worker"]] = report.model_loads.get(r["worker"], 0) + r["model_loaded"]
             for path, n in r["written"].items():
                 written[path] = written.get(path, 0) + n
             bar.update(1)
@@ -154,6 +146,6 @@ def run_on_cluster(client, job: SplitJob, tasks: list[tuple[int, int]], report, 
         bar.close()
         for f in futures:
             f.cancel()
-    logger.info("%s/%s: %d tasks on %d workers", job.dataset, job.split, len(tasks), len(workers))
+    logger.info("%s/%s: %d tasks on %d workers", c.dataset, job.split, len(tasks), len(workers))
     report.workers = sorted(workers | set(report.workers))
     return written

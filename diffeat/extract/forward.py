@@ -25,24 +25,31 @@ import logging
 import os
 import time
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from diffeat.errors import DiffeatError
+from diffeat.extract.config import COMPUTE_DTYPE_NAMES
 from diffeat.extract.loader import NoisedImages, make_loader
 from diffeat.models.truncated import TruncatedUNet, feature_forward
-from diffeat.progress import Progress
+from diffeat.runtime.progress import Progress
 from diffeat.store.writer import BackgroundWriter
+
+if TYPE_CHECKING:
+    from diffeat.extract.results import ExtractReport
+    from diffeat.extract.work import SplitWork
+    from diffeat.store.writer import SettingWriter
 
 logger = logging.getLogger(__name__)
 
-COMPUTE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+COMPUTE_DTYPES = {name: getattr(torch, name) for name in COMPUTE_DTYPE_NAMES}
 CPU_MICRO_BATCH = 8
 #: ``batch_size="auto"`` on a CPU: a few micro-batches per loader batch (memory is not the limit there).
 CPU_AUTO_BATCH = 32
@@ -80,25 +87,15 @@ class LoopStats:
         return (self.images - n0) / max(self.finished - t0, 1e-9)
 
 
-@dataclass
-class _Observer:
-    compile: bool | None
-    runs: list[LoopStats]
-
-
-_OBSERVER: ContextVar[_Observer | None] = ContextVar("diffeat_forward_observer", default=None)
+_OBSERVER: ContextVar[list[LoopStats] | None] = ContextVar("diffeat_forward_observer", default=None)
 
 
 @contextmanager
-def observe_loop(*, compile: bool | None = None) -> Iterator[list[LoopStats]]:
-    """Collect a ``LoopStats`` for every ``run_forward`` call made inside (``diffeat bench`` uses it).
-
-    ``compile`` overrides the default of calls that do not set it (``extract()``
-    has no such option): True/False forces ``torch.compile`` on/off.
-    """
-    token = _OBSERVER.set(_Observer(compile, []))
+def observe_loop() -> Iterator[list[LoopStats]]:
+    """Collect a ``LoopStats`` for every ``run_forward`` call made inside (``diffeat bench`` uses it)."""
+    token = _OBSERVER.set([])
     try:
-        yield _OBSERVER.get().runs  # type: ignore[union-attr]
+        yield _OBSERVER.get()  # type: ignore[misc]
     finally:
         _OBSERVER.reset(token)
 
@@ -119,28 +116,20 @@ def default_workers(dev: torch.device) -> int:
 
 
 @dataclass
-class _Prepared:
+class PreparedForward:
+    """A truncated forward made ready for one device and dtype (``call`` is it, or its compiled version)."""
+
     fwd: torch.nn.Module  # TruncatedUNet, or the hook fallback
-    call: object  # fwd, or torch.compile(fwd)
+    call: Callable[..., dict[int, torch.Tensor]]  # fwd, or torch.compile(fwd)
     compiled: bool
     auto_batch: dict[tuple, int] = field(default_factory=dict)
 
 
-# One prepared forward, reused while the same model is used: run_forward is called once per
-# task (a range of rows) and compiling or probing memory again for each would cost minutes.
-_PREPARED: tuple[tuple, _Prepared] | None = None
-
-
 def prepare_forward(unet: torch.nn.Module, blocks, dev: torch.device, dtype: str,
-                    compile: bool | None = None) -> _Prepared:
-    """The (possibly compiled) truncated forward of ``unet`` for ``blocks`` on ``dev``: built once, reused."""
-    global _PREPARED
+                    compile: bool | None = None) -> PreparedForward:
+    """The (possibly compiled) truncated forward of ``unet`` for ``blocks`` on ``dev`` (compiled on CUDA by default)."""
     if compile is None:
-        observer = _OBSERVER.get()
-        compile = observer.compile if observer is not None and observer.compile is not None else dev.type == "cuda"
-    key = (id(unet), tuple(sorted(set(blocks))), str(dev), dtype, bool(compile))
-    if _PREPARED is not None and _PREPARED[0] == key and _PREPARED[1].fwd.unet is unet:
-        return _PREPARED[1]
+        compile = dev.type == "cuda"
     unet.to(dev)
     if dev.type == "cuda":
         unet.to(memory_format=torch.channels_last)
@@ -155,18 +144,36 @@ def prepare_forward(unet: torch.nn.Module, blocks, dev: torch.device, dtype: str
                                 r"function at 'upsampling\.py", category=UserWarning)
     elif compile:
         logger.warning("not compiling: this U-Net runs through the hook-based fallback")
-    prepared = _Prepared(fwd, call, compiled)
-    _PREPARED = (key, prepared)
-    return prepared
+    return PreparedForward(fwd, call, compiled)
 
 
-def release_prepared() -> None:
-    """Forget the prepared forward (and with it the last model it holds)."""
-    global _PREPARED
-    _PREPARED = None
+class ForwardCache:
+    """The prepared forward of the model in use, kept across the tasks of a run.
+
+    ``run_forward`` is called once per task (a range of rows); compiling or probing GPU
+    memory again for each would cost minutes, so the extract run (or a dask worker's job)
+    owns one cache and every task asks it.
+    """
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._prepared: PreparedForward | None = None
+
+    def get(self, unet: torch.nn.Module, blocks, dev: torch.device, dtype: str,
+            compile: bool | None = None) -> PreparedForward:
+        """The prepared forward for these arguments: the cached one, or a new one replacing it."""
+        key = (id(unet), tuple(sorted(set(blocks))), str(dev), dtype, compile)
+        if self._prepared is None or self._key != key or self._prepared.fwd.unet is not unet:
+            self._prepared = None  # free the previous model's forward first
+            self._prepared, self._key = prepare_forward(unet, blocks, dev, dtype, compile), key
+        return self._prepared
+
+    def clear(self) -> None:
+        """Forget the prepared forward (and with it the model it holds)."""
+        self._key = self._prepared = None
 
 
-def auto_batch_size(prepared: _Prepared, unet: torch.nn.Module, dev: torch.device, res: int, dtype: str,
+def auto_batch_size(prepared: PreparedForward, unet: torch.nn.Module, dev: torch.device, res: int, dtype: str,
                     inputs_per_image: int = 1) -> int:
     """The batch size ``"auto"`` means: fixed on CPU; on CUDA the largest power of two that fits.
 
@@ -223,28 +230,27 @@ def auto_batch_size(prepared: _Prepared, unet: torch.nn.Module, dev: torch.devic
     return batch
 
 
-def run_forward(unet, tab, rows, writers, blocks, ts, pools, res, dev, dtype, batch_size, num_workers, seed,
-                draws, progress, report, *, compile: bool | None = None, bar: Progress | None = None) -> None:
-    """Compute and write the features of ``rows`` of ``tab`` for every writer in ``writers``.
+def run_forward(work: SplitWork, rows: np.ndarray, writers: dict[tuple[int, int, int], SettingWriter],
+                report: ExtractReport, bar: Progress | None = None) -> None:
+    """Compute and write the features of ``rows`` of ``work.tab`` for every writer in ``writers``.
 
     ``writers`` maps (block, t, pool) to a ``SettingWriter``; rows of units a writer
-    does not have pending are computed (they share a batch) but not written.
-    ``batch_size`` is an int or ``"auto"``; ``compile`` (default: on CUDA only)
-    compiles the truncated forward with ``torch.compile``. ``bar``: a progress bar
-    shared by several calls (one per task); without it, this call makes its own.
+    does not have pending are computed (they share a batch) but not written. ``bar``: a
+    progress bar shared by several calls (one per task); without it, this call makes its own.
     """
-    if num_workers is None:
-        num_workers = default_workers(dev)
-    prepared = prepare_forward(unet, blocks, dev, dtype, compile)
+    c, unet, tab, res, dev = work.config, work.unet, work.tab, work.res, work.dev
+    blocks, ts, pools, dtype, draws, num_workers = c.blocks, c.ts, c.pools, c.dtype, c.noise_draws, work.num_workers
+    prepared = work.forwards.get(unet, blocks, dev, dtype, c.compile)
+    batch_size = c.batch_size
     if batch_size == "auto":
         batch_size = auto_batch_size(prepared, unet, dev, res, dtype, len(ts) * draws)
     cuda = dev.type == "cuda"
-    dataset = NoisedImages(tab, rows, res, ts, seed, draws)
+    dataset = NoisedImages(tab, rows, res, ts, c.seed, draws)
     loader = make_loader(dataset, batch_size, num_workers, pin_memory=cuda)
     autocast = torch.autocast(dev.type, dtype=COMPUTE_DTYPES[dtype], enabled=dtype != "float32")
     own_bar = bar is None
     if own_bar:
-        bar = Progress(len(rows), f"extract {tab.dataset}/{tab.split}", enabled=progress)
+        bar = Progress(len(rows), f"extract {tab.dataset}/{tab.split}", enabled=work.progress)
     # CPU kernels give results that depend (at 1e-6) on the batch size, but not on a row's
     # position in a batch of fixed size: a fixed, padded micro-batch makes features bitwise
     # independent of --batch-size. GPUs make no such promise, so they use the batch as is,
@@ -255,11 +261,11 @@ def run_forward(unet, tab, rows, writers, blocks, ts, pools, res, dev, dtype, ba
         micro, pad = min(batch_size, 1 << max(0, (len(rows) - 1).bit_length())), prepared.compiled
     else:
         micro, pad = CPU_MICRO_BATCH, True
-    observer = _OBSERVER.get()
+    observed = _OBSERVER.get()
     stats = LoopStats(batch_size, micro, num_workers, torch.get_num_threads(), prepared.compiled,
                       isinstance(prepared.fwd, TruncatedUNet), started=time.perf_counter())
-    if observer is not None:
-        observer.runs.append(stats)
+    if observed is not None:
+        observed.append(stats)
     writer = BackgroundWriter()
     pending: tuple | None = None  # the previous batch, its features still on their way to host memory
 
@@ -355,12 +361,3 @@ def forward_pooled(fwd, x: torch.Tensor, t: int, blocks, pools, micro: int, auto
                 parts[(b, k)].append(F.adaptive_avg_pool2d(a, k))
         del acts
     return {key: torch.cat(v) for key, v in parts.items()}
-
-
-def check_batch_size(batch_size: int | str) -> int | str:
-    """``batch_size`` if it is an int >= 1 or ``"auto"``, else a ``DiffeatError`` naming --batch-size."""
-    if batch_size == "auto":
-        return batch_size
-    if isinstance(batch_size, (int, np.integer)) and not isinstance(batch_size, bool) and batch_size >= 1:
-        return int(batch_size)
-    raise DiffeatError(f"--batch-size {batch_size!r} is invalid: it must be an integer >= 1 or 'auto'")

@@ -14,51 +14,24 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from diffeat.extract.forward import run_forward
-from diffeat.progress import Progress
+from diffeat.extract.work import SplitWork
+from diffeat.runtime.progress import Progress
 from diffeat.store.claims import Renewer
 from diffeat.store.writer import SettingWriter
+
+if TYPE_CHECKING:
+    from diffeat.extract.results import ExtractReport
 
 logger = logging.getLogger(__name__)
 
 POLL_SECONDS = 1.0  # how often to look again at units other writers hold
-
-
-@dataclass
-class SplitWork:
-    """Everything needed to compute the features of one dataset split."""
-
-    unet: object
-    tab: object  # SampleTable
-    writers: dict[tuple[int, int, int], SettingWriter]  # (block, t, pool) -> writer
-    blocks: list[int]
-    ts: list[int]
-    pools: list[int]
-    res: int
-    dev: object  # torch.device
-    dtype: str
-    batch_size: int | str
-    num_workers: int | None
-    seed: int
-    draws: int
-    progress: bool | None = None
-    compile: bool | None = None
-    bar: Progress | None = None  # one bar per split, shared by the tasks
-
-    @property
-    def task_rows(self) -> int:
-        """Rows a task should span at least: each ``run_forward`` call starts its loader again
-        (about 70 ms on a CPU, more with many GPU loader workers), so tasks cover several batches."""
-        return 8 * (self.batch_size if isinstance(self.batch_size, int) else 512)
-
-    def pending(self) -> dict[tuple[int, int, int], SettingWriter]:
-        """Writers with units still to write."""
-        return {k: w for k, w in self.writers.items() if w.pending}
 
 
 def plan_tasks(writers: dict[tuple[int, int, int], SettingWriter], n: int, min_rows: int = 1) -> list[tuple[int, int]]:
@@ -76,7 +49,7 @@ def plan_tasks(writers: dict[tuple[int, int, int], SettingWriter], n: int, min_r
 
 
 @contextlib.contextmanager
-def one_cpu_thread(dev):
+def one_cpu_thread(dev: torch.device) -> Iterator[None]:
     """On a CPU, run the forward with one intra-op thread.
 
     CPU kernels sum in an order that depends on the thread count (measured: 2 threads vs
@@ -96,7 +69,7 @@ def one_cpu_thread(dev):
         torch.set_num_threads(before)
 
 
-def run_task(work: SplitWork, lo: int, hi: int, report, currents: dict | None = None) -> int:
+def run_task(work: SplitWork, lo: int, hi: int, report: ExtractReport, currents: dict | None = None) -> int:
     """Claim the free units of rows [lo, hi) in every setting, compute and write them.
 
     Returns the number of units this call wrote. ``currents``: claim listings per
@@ -117,16 +90,14 @@ def run_task(work: SplitWork, lo: int, hi: int, report, currents: dict | None = 
     before = sum(w.written for w in won.values())
     try:
         with one_cpu_thread(work.dev):
-            run_forward(work.unet, work.tab, rows, won, work.blocks, work.ts, work.pools, work.res, work.dev,
-                        work.dtype, work.batch_size, work.num_workers, work.seed, work.draws, work.progress, report,
-                        compile=work.compile, bar=work.bar)
+            run_forward(work, rows, won, report, bar=work.bar)
     finally:
         for w in won.values():
             w.abandon()  # after an error, others (or a rerun) may take these units at once
     return sum(w.written for w in won.values()) - before
 
 
-def run_all(work: SplitWork, report, *, wait: bool = True) -> int:
+def run_all(work: SplitWork, report: ExtractReport, *, wait: bool = True) -> int:
     """Compute every pending unit this writer can claim; with ``wait``, also wait for (or take
     over, once expired) the units other writers hold, until every unit is written.
 

@@ -20,6 +20,7 @@ from diffeat.heads.cnn import CNNHead
 from diffeat.heads.common import Probe, Standardize
 from diffeat.heads.linear import LinearHead
 from diffeat.heads.mlp import MLPHead
+from diffeat.runtime.checks import check_choice
 
 
 @dataclass(frozen=True)
@@ -89,10 +90,7 @@ HEADS: dict[str, HeadSpec] = {
 
 def get_head(name: str) -> HeadSpec:
     """The registry entry for ``name``, or a ``DiffeatError`` listing the valid names."""
-    try:
-        return HEADS[name]
-    except KeyError:
-        raise DiffeatError(f"unknown head {name!r}: --head takes one of {', '.join(HEADS)}") from None
+    return HEADS[check_choice(name, HEADS, "--head")]
 
 
 def check_head(name: str, feature_shape: tuple[int, ...]) -> HeadSpec:

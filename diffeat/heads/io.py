@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-
 from diffeat.errors import DiffeatError
 from diffeat.heads import build_head
 from diffeat.heads.common import Probe, Standardize

@@ -8,7 +8,6 @@ import torch
 from torch import nn
 
 
-
 class LinearHead(nn.Module):
     """Flatten, optionally BatchNorm1d without affine (MAE's linear probe), then one linear layer.
 

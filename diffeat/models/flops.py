@@ -20,11 +20,11 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from diffeat.models.blocks import (
-    meta_copy,
     block_modules,
     capture_blocks,
     check_blocks,
     check_resolution,
+    meta_copy,
     model_inputs,
 )
 

@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from diffeat.errors import ModelError
+from diffeat.runtime.checks import check_choice
 
 logger = logging.getLogger(__name__)
 
@@ -136,8 +137,7 @@ def build_random(arch: str, seed: int = 0) -> nn.Module:
     """Build architecture ``arch`` with seeded random weights."""
     from diffusers import UNet2DModel
 
-    if arch not in ARCHITECTURES:
-        raise ModelError(f"unknown architecture {arch!r}; choose one of: {', '.join(sorted(ARCHITECTURES))}")
+    check_choice(arch, sorted(ARCHITECTURES), "random:<arch>", error=ModelError)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         return UNet2DModel(**ARCHITECTURES[arch])

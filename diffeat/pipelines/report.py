@@ -38,7 +38,7 @@ class Cell:
 
 def collect_cells(results_csvs: list[str], metric: str = "top1") -> dict[tuple, list[Cell]]:
     """Test/validation ``metric`` of the selected hyperparameters, grouped by (dataset, model, head, pool)."""
-    from diffeat.report import read_results
+    from diffeat.output.records import read_results
 
     rows = read_results([Path(p) for p in results_csvs])
     test: dict[tuple, dict[str, str]] = {}
@@ -147,7 +147,7 @@ def write_report(*, records: list[dict], out: str | Path, cka_records: list[dict
 def _group_section(group: tuple, cells: list[Cell], by_test: Cell, by_val: Cell, records: list[dict], png: Path,
                    metric: str) -> list[str]:
     """The heatmap of one (dataset, model, head, pool) group and its summary.md section."""
-    from diffeat.plots import heatmap
+    from diffeat.output.plots import heatmap
 
     dataset, model, head, pool = group
     blocks, ts, m = grid_of(cells)

@@ -62,7 +62,7 @@ class PipelineReport:
 
 def config_hash(instance: StageInstance, args: dict, need_hashes: dict[str, str]) -> str:
     """The identity of a stage instance's work: kind, resolved arguments, and what it needs."""
-    from diffeat.report import to_jsonable
+    from diffeat.output.records import to_jsonable
     from diffeat.store.layout import settings_hash
 
     return settings_hash({"record_version": RECORD_VERSION, "kind": instance.kind.name,
@@ -90,7 +90,7 @@ def write_record(location: str, record: dict) -> None:
     """Write ``record`` (JSON) to ``location``, creating its folder."""
     import fsspec
 
-    from diffeat.report import to_jsonable
+    from diffeat.output.records import to_jsonable
 
     fs, path = fsspec.core.url_to_fs(location)
     fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
@@ -108,7 +108,7 @@ def run_pipeline(pipeline: Pipeline, *, stages: list[str] | None = None, force: 
     Returns a :class:`PipelineReport`; a failing stage raises and leaves its old record.
     """
     from diffeat import __version__
-    from diffeat.report import utc_now
+    from diffeat.output.records import utc_now
 
     start = time.perf_counter()
     instances = pipeline.instances(stages)

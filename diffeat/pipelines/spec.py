@@ -54,8 +54,10 @@ class StageInstance:
     needs: list[str] = field(default_factory=list)  # instance names this one depends on
 
     def arguments(self) -> dict[str, Any]:
-        """The library call's keyword arguments."""
-        return self.kind.arguments(self.options, self.name)
+        """The library call's keyword arguments, checked by the stage's own options record."""
+        args = self.kind.arguments(self.options, self.name)
+        self.kind.check(args, self.name)
+        return args
 
 
 @dataclass
@@ -221,7 +223,7 @@ def parse_pipeline(doc: Any, *, path: Path | None = None, overrides: dict[str, A
             raise DiffeatError(f"{where}: stages.{name} must be a mapping of options")
         kind = raw.get("kind", name)
         if kind not in KINDS:
-            raise DiffeatError(f"{where}: stages.{name} has kind {kind!r}; kinds: {', '.join(KINDS)} "
+            raise DiffeatError(f"{where}: stages.{name} has kind {kind!r}; choose one of {', '.join(KINDS)} "
                                "(set `kind:` when the stage name is not one of them)")
         if "@" in str(name):
             raise DiffeatError(f"{where}: stage name {name!r} may not contain '@'")

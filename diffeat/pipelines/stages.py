@@ -14,7 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from diffeat.cka.config import CkaConfig
 from diffeat.errors import DiffeatError
+from diffeat.extract.config import ExtractConfig
+from diffeat.probe.config import ProbeConfig
+from diffeat.runtime.stageconfig import StageConfig
+from diffeat.store.location import parent
 
 logger = logging.getLogger(__name__)
 
@@ -41,23 +46,41 @@ class Context:
 class StageKind:
     """What a pipeline needs to know about one kind of stage.
 
-    ``options``: accepted keys (library keyword names); ``aliases``: other spellings
-    -> key; ``axes``: matrix axis -> list option; ``required``: keys that must be
-    set; ``lists``: keys whose scalar value becomes a one-element list; ``run(args,
-    context)`` calls the library and returns the outputs; ``present(outputs, args)``
-    says whether they still exist; ``record_dir(args)`` is where the stage's record
-    is kept (next to its outputs).
+    ``config``: the stage's options record (``ExtractConfig`` ...): its fields are the
+    stage's options, those without a default are required, tuple fields take a scalar
+    as a one-element list. ``report`` has no record: its ``own_options``/``own_required``/
+    ``own_lists`` say the same. ``aliases``: other spellings -> option; ``axes``: matrix
+    axis -> list option; ``run(args, context)`` calls the library and returns the outputs;
+    ``present(outputs, args)`` says whether they still exist; ``record_dir(args)`` is where
+    the stage's record is kept (next to its outputs).
     """
 
     name: str
-    options: tuple[str, ...]
     run: Callable[[dict, Context], dict]
     present: Callable[[dict, dict], bool]
     record_dir: Callable[[dict], str]
+    config: type[StageConfig] | None = None
     aliases: dict[str, str] = field(default_factory=dict)
     axes: dict[str, str] = field(default_factory=dict)
-    required: tuple[str, ...] = ()
-    lists: tuple[str, ...] = ()
+    also_required: tuple[str, ...] = ()  # required in a pipeline though the command has a default
+    own_options: tuple[str, ...] = ()
+    own_required: tuple[str, ...] = ()
+    own_lists: tuple[str, ...] = ()
+
+    @property
+    def options(self) -> tuple[str, ...]:
+        """Accepted option names: the record's fields."""
+        return self.config.field_names() if self.config else self.own_options
+
+    @property
+    def required(self) -> tuple[str, ...]:
+        """Options that must be set."""
+        return (*self.config.required(), *self.also_required) if self.config else self.own_required
+
+    @property
+    def lists(self) -> tuple[str, ...]:
+        """Options whose scalar value becomes a one-element list."""
+        return self.config.list_fields() if self.config else self.own_lists
 
     def key(self, key: str) -> str | None:
         """The canonical option name of ``key`` (``batch-size`` -> ``batch_size``), or None if not accepted."""
@@ -95,7 +118,11 @@ class StageKind:
         return out
 
     def arguments(self, options: dict, where: str) -> dict:
-        """Keyword arguments of the library call: required keys checked, lists made lists, axes typed."""
+        """Keyword arguments of the library call: required keys checked, lists made lists, axes typed.
+
+        With a record, the arguments are also checked by it (``check``), so a pipeline is
+        refused before anything runs for what the command would refuse.
+        """
         missing = [k for k in self.required if options.get(k) in (None, "")]
         if missing:
             raise DiffeatError(f"stage {where}: missing option(s) {', '.join(missing)} (a {self.name} stage needs "
@@ -114,29 +141,27 @@ class StageKind:
                                        f"{'a head name' if axis == 'head' else 'an integer'}")
         return args
 
-
-def parent_of(location: str) -> str:
-    """The folder holding ``location`` (a path or fsspec URL)."""
-    from diffeat.store.reader import is_url
-
-    if is_url(location):
-        return location.rstrip("/").rsplit("/", 1)[0]
-    return str(Path(location).expanduser().resolve().parent)
+    def check(self, args: dict, where: str) -> StageConfig | None:
+        """The stage's options record built from ``args`` (its own checks run); None for kinds without one."""
+        if self.config is None:
+            return None
+        try:
+            return self.config.from_options(args, f"stage {where}")
+        except DiffeatError as e:
+            text = str(e)
+            raise DiffeatError(text if text.startswith("stage ") else f"stage {where}: {text}") from None
 
 
 # ---- extract ---------------------------------------------------------------------------------
 
 def _run_extract(args: dict, context: Context) -> dict:
-    from diffeat.extract import extract
-    from diffeat.store import open_store
+    from diffeat.extract import ExtractConfig, run_extract
 
-    args = dict(args)
-    fs = open_store(args.pop("store"), mode="a", storage_options=args.pop("storage_options", None))
-    report = extract(store=fs, **args)
+    report = run_extract(ExtractConfig(**args))
     bad = [s for s in report.settings if s.outcome == "incomplete"]
     if bad:
-        raise DiffeatError(f"extract left {len(bad)} setting(s) incomplete in {fs.location}, e.g. {bad[0].path}")
-    return {"store": fs.location, "settings": [s.path for s in report.settings],
+        raise DiffeatError(f"extract left {len(bad)} setting(s) incomplete in {report.store}, e.g. {bad[0].path}")
+    return {"store": report.store, "settings": [s.path for s in report.settings],
             "outcomes": {s.outcome: sum(x.outcome == s.outcome for x in report.settings) for s in report.settings},
             "images": report.images, "seconds": round(report.seconds, 3)}
 
@@ -154,74 +179,52 @@ def _extract_present(outputs: dict, args: dict) -> bool:
 
 EXTRACT = StageKind(
     name="extract",
-    options=("dataset", "root", "model", "store", "storage_options", "splits", "classes", "batch_size", "device",
-             "dtype", "store_dtype", "num_workers", "seed", "noise_draws", "limit", "resolution", "blocks", "ts",
-             "pools", "progress"),
+    config=ExtractConfig,
     aliases={"split": "splits"},
     axes={"block": "blocks", "t": "ts", "pool": "pools"},
-    required=("dataset", "model", "store", "blocks", "ts"),
-    lists=("splits",),
     run=_run_extract,
     present=_extract_present,
-    record_dir=lambda args: parent_of(str(args["store"])),
+    record_dir=lambda args: parent(str(args["store"])),
 )
 
 
 # ---- probe -----------------------------------------------------------------------------------
 
 def _run_probe(args: dict, context: Context) -> dict:
-    from diffeat.probe import probe
+    from diffeat.probe import ProbeConfig, run_probe
 
-    report = probe(**args)
+    report = run_probe(ProbeConfig(**args))
     return {"run_dir": str(report.run_dir), "results_csv": str(report.run_dir / "results.csv"),
             "results": report.summaries(), "seconds": round(report.seconds, 3)}
 
 
 PROBE = StageKind(
     name="probe",
-    options=("store", "storage_options", "dataset", "model", "name", "train_split", "test_split", "val_fraction",
-             "lrs", "wds", "epochs", "min_steps", "batch_size", "standardize", "refit", "head_options", "knn_k",
-             "knn_temperature", "cs", "device", "memory_budget", "seed", "out", "save_weights", "blocks", "ts",
-             "pools", "heads"),
+    config=ProbeConfig,
     aliases={"lr": "lrs", "wd": "wds", "knn_t": "knn_temperature", "C": "cs", "c": "cs"},
     axes={"block": "blocks", "t": "ts", "pool": "pools", "head": "heads"},
-    required=("store", "dataset", "out"),
-    lists=("lrs", "wds", "cs"),
     run=_run_probe,
     present=lambda outputs, args: Path(outputs.get("results_csv", "")).is_file(),
-    record_dir=lambda args: str(Path(args["out"]).expanduser().resolve()),
+    record_dir=lambda args: str(Path(args.get("out", "results")).expanduser().resolve()),
 )
 
 
 # ---- cka -------------------------------------------------------------------------------------
 
 def _run_cka(args: dict, context: Context) -> dict:
-    from diffeat.cka.output import write_outputs
-    from diffeat.cka.settings import SettingSpec, grid, store_cka
+    from diffeat.cka import CkaConfig, run_cka
 
-    args = dict(args)
-    store, dataset, out = args.pop("store"), args.pop("dataset"), args.pop("out")
-    split, model, title = args.pop("split", "test"), args.pop("model", None), args.pop("title", None)
-    rows = [SettingSpec.parse(s) for s in args.pop("a", None) or []]
-    rows += grid(args.pop("blocks", None) or [], args.pop("ts", None) or [], args.pop("pools", None) or [])
-    rows += [SettingSpec.parse(f"name={n}") for n in args.pop("names", None) or []]
-    cols = [SettingSpec.parse(s) for s in args.pop("b", None) or []] or None
-    result = store_cka(str(store), dataset, split, rows, cols, model=model,
-                       storage_options=args.pop("storage_options", None), **args)
-    files = write_outputs(result, out, title=title)
-    return {"files": files, "row_labels": result.row_labels, "col_labels": result.col_labels,
+    result = run_cka(CkaConfig(**args))
+    return {"files": result.files, "row_labels": result.row_labels, "col_labels": result.col_labels,
             "route": result.route, "n": result.n, "seconds": round(result.seconds, 3)}
 
 
 CKA = StageKind(
     name="cka",
-    options=("store", "storage_options", "dataset", "split", "model", "a", "b", "names", "kernel", "estimator",
-             "route", "precision", "memory", "batch_size", "passes", "seed", "rbf_threshold", "subsample", "out",
-             "title", "blocks", "ts", "pools"),
-    aliases={"name": "names"},
+    config=CkaConfig,
+    aliases={"name": "names", "memory": "memory_budget"},
     axes={"block": "blocks", "t": "ts", "pool": "pools"},
-    required=("store", "dataset", "out"),
-    lists=("a", "b", "names"),
+    also_required=("out",),  # a pipeline's CKA stage keeps its files (and its record beside them)
     run=_run_cka,
     present=lambda outputs, args: all(Path(p).is_file() for p in outputs.get("files", {}).values())
     and bool(outputs.get("files")),
@@ -243,9 +246,9 @@ def _run_report(args: dict, context: Context) -> dict:
 
 REPORT = StageKind(
     name="report",
-    options=("probe", "cka", "out", "metric", "title"),
-    required=("probe", "out"),
-    lists=("probe", "cka"),
+    own_options=("probe", "cka", "out", "metric", "title"),
+    own_required=("probe", "out"),
+    own_lists=("probe", "cka"),
     run=_run_report,
     present=lambda outputs, args: all(Path(p).is_file() for p in outputs.get("files", {}).values())
     and bool(outputs.get("files")),

@@ -4,7 +4,7 @@ Training stays in the probe's process: every batch feeds every head of the grid,
 splitting that over machines would change what is trained. What a cluster can take is
 the one streaming pass over a training split that does not fit in memory: the float64
 per-feature moments (standardisation statistics) of the fit and validation rows. Workers
-open the split's array themselves, read-only (an :class:`~diffeat.cka.cluster.ArrayRef`,
+open the split's array themselves, read-only (an :class:`~diffeat.store.refs.ArrayRef`,
 as CKA's workers do), each computes the moments of its chunk-aligned blocks, and the
 client merges them in row order: the blocks and merge order of the single-process pass,
 so the moments are the same numbers.
@@ -14,40 +14,37 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from diffeat.probe.data import RunningMoments, StreamedRows
+from diffeat.probe.data import StreamedRows
+from diffeat.store.refs import ArrayRef, open_array
+from diffeat.store.streaming import RunningMoments
+
+if TYPE_CHECKING:
+    from distributed import Client
+
+    from diffeat.store.reader import FeatureSet
 
 logger = logging.getLogger(__name__)
 
 
-def block_moments_task(ref, ranges: Sequence[tuple[int, int]], fit: Sequence[np.ndarray],
+def block_moments_task(ref: ArrayRef, ranges: Sequence[tuple[int, int]], fit: Sequence[np.ndarray],
                        val: Sequence[np.ndarray]) -> list[tuple[RunningMoments, RunningMoments]]:
     """Worker side: ``(fit, val)`` moments of each block; ``fit[i]``/``val[i]`` are row offsets in block ``i``."""
-    from diffeat.cka.cluster import open_ref
-
-    array = open_ref(ref).array
+    array = open_array(ref)
     out = []
     for (lo, hi), f, v in zip(ranges, fit, val, strict=True):
         block = np.asarray(array[lo:hi], dtype=np.float32)
-        shape = tuple(block.shape[1:])
-        parts = []
-        for offsets in (f, v):
-            m = RunningMoments.empty(shape)
-            m.add(block[offsets])
-            parts.append(m)
-        out.append((parts[0], parts[1]))
+        out.append((RunningMoments.of(block[f]), RunningMoments.of(block[v])))
     return out
 
 
-def cluster_moments(client, features, source: StreamedRows, fit_rows: np.ndarray, val_rows: np.ndarray,
-                    blocks_per_task: int = 4) -> tuple[RunningMoments, RunningMoments]:
+def cluster_moments(client: Client, features: FeatureSet, source: StreamedRows, fit_rows: np.ndarray,
+                    val_rows: np.ndarray, blocks_per_task: int = 4) -> tuple[RunningMoments, RunningMoments]:
     """``diffeat.probe.data.moments`` computed on the cluster, for a split streamed from the store."""
-    from diffeat.cka.cluster import array_ref
-    from diffeat.cka.sources import FeatureSetSource
-
-    ref = array_ref(FeatureSetSource(features))
+    ref = features.ref()
     fit_acc = RunningMoments.empty(source.feature_shape)
     val_acc = RunningMoments.empty(source.feature_shape)
     ranges = list(source.ranges)

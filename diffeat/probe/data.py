@@ -16,45 +16,23 @@ differ (the streamed one shuffles blocks, then rows within the buffer).
 from __future__ import annotations
 
 import logging
-import os
-import re
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from diffeat.errors import DiffeatError
+from diffeat.probe.config import STANDARDIZE_MODES
+from diffeat.runtime.checks import check_choice
+from diffeat.store.streaming import RunningMoments, aligned_rows, block_ranges, prefetch
+
+if TYPE_CHECKING:
+    import zarr
+
+    from diffeat.store.reader import FeatureSet
 
 logger = logging.getLogger(__name__)
-
-STANDARDIZE_MODES = ("feature", "channel", "none")
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
-def parse_bytes(text: str | int | None) -> int:
-    """Parse a memory size: ``"8G"``, ``"512MiB"``, ``"2.5GB"``, ``1000000``; None -> the default budget.
-
-    Units are binary (``G`` = 2**30). The default is a quarter of physical memory.
-    """
-    if text is None:
-        return default_memory_budget()
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgtb]?)(?:i?b)?\s*", str(text).lower())
-    if not m:
-        raise DiffeatError(f"--memory-budget {text!r} is not a size: use e.g. 512M, 8G or a number of bytes")
-    return int(float(m.group(1)) * _UNITS[m.group(2)])
-
-
-def default_memory_budget() -> int:
-    """A quarter of physical memory (2 GiB when it cannot be read)."""
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 4
-    except (ValueError, OSError, AttributeError):
-        return 2 << 30
-
 
 def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Seeded stratified split of row indices into ``(fit, val)``, both sorted.
@@ -79,70 +57,26 @@ def stratified_split(labels: np.ndarray, fraction: float, seed: int) -> tuple[np
     return fit_idx.astype(np.int64), val_idx.astype(np.int64)
 
 
-@dataclass
-class RunningMoments:
-    """Per-feature count, mean and centred sum of squares in float64, merged blockwise (Chan et al.).
+def standardizer(moments: RunningMoments, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mean, inv_std)`` float32 tensors for :class:`diffeat.heads.Standardize` from per-feature moments.
 
-    Merging centred block moments avoids the cancellation of raw ``Σx²`` sums when
-    features have large offsets.
+    ``mode``: ``"feature"`` (every (c, y, x) on its own), ``"channel"`` (one pair per
+    channel of a ``C×k×k`` map), ``"none"`` (identity). Constant features get
+    ``inv_std = 0`` so they contribute nothing instead of noise.
     """
-
-    count: int
-    mean: np.ndarray
-    m2: np.ndarray
-
-    @classmethod
-    def empty(cls, shape: tuple[int, ...]) -> RunningMoments:
-        """No rows yet."""
-        return cls(0, np.zeros(shape, np.float64), np.zeros(shape, np.float64))
-
-    def add(self, block: np.ndarray) -> None:
-        """Fold a block of rows ``(n, *shape)`` in."""
-        if len(block) == 0:
-            return
-        x = block.astype(np.float64, copy=False)
-        n = len(x)
-        mean = x.mean(axis=0)
-        m2 = ((x - mean) ** 2).sum(axis=0)
-        self.merge(RunningMoments(n, mean, m2))
-
-    def merge(self, other: RunningMoments) -> None:
-        """Fold another set of moments in."""
-        if other.count == 0:
-            return
-        n = self.count + other.count
-        delta = other.mean - self.mean
-        self.mean = self.mean + delta * (other.count / n)
-        self.m2 = self.m2 + other.m2 + delta**2 * (self.count * other.count / n)
-        self.count = n
-
-    def combined(self, other: RunningMoments) -> RunningMoments:
-        """A new object holding both."""
-        out = RunningMoments(self.count, self.mean.copy(), self.m2.copy())
-        out.merge(other)
-        return out
-
-    def standardizer(self, mode: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(mean, inv_std)`` float32 tensors for :class:`diffeat.heads.Standardize`.
-
-        ``mode``: ``"feature"`` (every (c, y, x) on its own), ``"channel"`` (one pair per
-        channel of a ``C×k×k`` map), ``"none"`` (identity). Constant features get
-        ``inv_std = 0`` so they contribute nothing instead of noise.
-        """
-        if mode not in STANDARDIZE_MODES:
-            raise DiffeatError(f"--standardize must be one of {', '.join(STANDARDIZE_MODES)}, not {mode!r}")
-        if self.count == 0:
-            raise DiffeatError("no training rows to compute standardisation statistics on")
-        mean, var = self.mean, self.m2 / self.count
-        if mode == "none":
-            return torch.zeros(1), torch.ones(1)
-        if mode == "channel" and mean.ndim == 3:
-            # Equal counts at every position: pool the per-position moments per channel.
-            mean_c = mean.mean(axis=(1, 2), keepdims=True)
-            var = (var + (mean - mean_c) ** 2).mean(axis=(1, 2), keepdims=True)
-            mean = mean_c
-        inv = np.where(var > 1e-20, 1.0 / np.sqrt(np.maximum(var, 1e-300)), 0.0)
-        return torch.from_numpy(mean.astype(np.float32)), torch.from_numpy(inv.astype(np.float32))
+    check_choice(mode, STANDARDIZE_MODES, "--standardize")
+    if moments.count == 0:
+        raise DiffeatError("no training rows to compute standardisation statistics on")
+    mean, var = moments.mean, moments.m2 / moments.count
+    if mode == "none":
+        return torch.zeros(1), torch.ones(1)
+    if mode == "channel" and mean.ndim == 3:
+        # Equal counts at every position: pool the per-position moments per channel.
+        mean_c = mean.mean(axis=(1, 2), keepdims=True)
+        var = (var + (mean - mean_c) ** 2).mean(axis=(1, 2), keepdims=True)
+        mean = mean_c
+    inv = np.where(var > 1e-20, 1.0 / np.sqrt(np.maximum(var, 1e-300)), 0.0)
+    return torch.from_numpy(mean.astype(np.float32)), torch.from_numpy(inv.astype(np.float32))
 
 
 def mean_sq_norm(moments: RunningMoments, mean: torch.Tensor, inv_std: torch.Tensor) -> float:
@@ -210,16 +144,14 @@ class StreamedRows(RowSource):
             block currently in the buffer. Larger is closer to a full shuffle.
     """
 
-    def __init__(self, array, labels: np.ndarray, chunk_rows: int, block_rows: int = 4096,
+    def __init__(self, array: zarr.Array, labels: np.ndarray, chunk_rows: int, block_rows: int = 4096,
                  buffer_rows: int = 65536):
         self.array = array
         self.labels = np.asarray(labels, dtype=np.int64)
         self.feature_shape = tuple(array.shape[1:])
         self.in_memory = False
-        step = max(chunk_rows, -(-block_rows // chunk_rows) * chunk_rows)
-        n = int(array.shape[0])
-        self.ranges = [(lo, min(n, lo + step)) for lo in range(0, n, step)]
-        self.buffer_rows = max(buffer_rows, step)
+        self.ranges = block_ranges(int(array.shape[0]), chunk_rows, block_rows)
+        self.buffer_rows = max(buffer_rows, aligned_rows(block_rows, chunk_rows))
 
     def _read(self, lo: int, hi: int) -> np.ndarray:
         return np.asarray(self.array[lo:hi], dtype=np.float32)
@@ -228,16 +160,10 @@ class StreamedRows(RowSource):
         """Read the blocks in ``order`` (one read ahead in a thread) and keep the rows in ``rows``."""
         wanted = [(lo, hi) for lo, hi in (self.ranges[i] for i in order)
                   if np.searchsorted(rows, lo) < np.searchsorted(rows, hi)]
-        if not wanted:
-            return
-        with ThreadPoolExecutor(1, thread_name_prefix="diffeat-probe-read") as pool:
-            future = pool.submit(self._read, *wanted[0])
-            for i, (lo, hi) in enumerate(wanted):
-                block = future.result()
-                if i + 1 < len(wanted):
-                    future = pool.submit(self._read, *wanted[i + 1])
-                r = rows[np.searchsorted(rows, lo):np.searchsorted(rows, hi)]
-                yield r, block[r - lo]
+        blocks = ((lo, hi, self._read(lo, hi)) for lo, hi in wanted)
+        for lo, hi, block in prefetch(blocks, name="diffeat-probe-read"):
+            r = rows[np.searchsorted(rows, lo):np.searchsorted(rows, hi)]
+            yield r, block[r - lo]
 
     def blocks(self, rows: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         yield from self._selected(rows, list(range(len(self.ranges))))
@@ -279,7 +205,7 @@ def fits(nbytes: int, budget: int) -> bool:
     return nbytes <= budget
 
 
-def make_source(features, budget: int, device: torch.device, *, block_rows: int = 4096,
+def make_source(features: FeatureSet, budget: int, device: torch.device, *, block_rows: int = 4096,
                 buffer_rows: int | None = None) -> RowSource:
     """A row source for a ``FeatureSet``: in memory if it fits ``budget`` bytes, else streamed.
 

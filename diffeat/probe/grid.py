@@ -6,15 +6,29 @@ import dataclasses
 import logging
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from diffeat.errors import DiffeatError
 from diffeat.heads import HeadSpec, Probe, Standardize, count_parameters
-from diffeat.probe.data import RowSource, RunningMoments, mean_sq_norm
+from diffeat.probe.config import ProbeConfig
+from diffeat.probe.data import RowSource, mean_sq_norm
 from diffeat.probe.results import HeadResult
-from diffeat.probe.train import MOMENTUM, GridPoint, exported, make_trainers, metrics, predict, train
+from diffeat.probe.train import (
+    MOMENTUM,
+    GridPoint,
+    exported,
+    make_trainers,
+    metrics,
+    predict,
+    train,
+)
+from diffeat.store.streaming import RunningMoments
+
+if TYPE_CHECKING:
+    from distributed import Client
 
 logger = logging.getLogger(__name__)
 
@@ -22,59 +36,47 @@ MEMORY_EPOCHS = 10  # SGD's memory under L2 decay, in epochs, that the linear gr
 
 
 @dataclass
-class Options:
-    """The resolved probe options a setting is trained with (see ``diffeat.probe.run.probe``)."""
+class ProbeRun:
+    """A probe run's options record plus what was resolved from it (see ``diffeat.probe.run``)."""
 
-    specs: list[HeadSpec]
-    lrs: list[float] | None
-    wds: list[float] | None
-    cs: list[float] | None
-    head_options: dict[str, dict]
-    epochs: int
-    min_steps: int
-    batch_size: int
-    standardize: str
-    refit: bool
-    val_fraction: float
-    knn_k: int
-    knn_temperature: float
+    config: ProbeConfig
+    specs: list[HeadSpec]  # the heads asked for, from the registry
     device: torch.device
-    budget: int
-    seed: int
-    client: object = None  # a dask client for the statistics pass of streamed splits (probe.cluster)
+    budget: int  # bytes a split may take in memory before it is streamed
+    client: Client | None = None  # a dask client for the statistics pass of streamed splits (probe.cluster)
 
 
 def trained_heads(specs: list[HeadSpec], train_src: RowSource, test_src: RowSource, fit_rows: np.ndarray,
                   val_rows: np.ndarray, rows_final: np.ndarray, test_rows: np.ndarray, m_fit: RunningMoments,
                   std_fit: Standardize, std_all: Standardize, shape: tuple[int, ...], k: int, base: dict,
-                  o: Options) -> list[tuple[HeadResult, Probe]]:
+                  o: ProbeRun) -> list[tuple[HeadResult, Probe]]:
     """Every trained head of one setting: ``(result, final probe)`` per head, in the order of ``specs``.
 
     The grid (head × lr × wd) trains in one pass per epoch on the fit rows, standardised
     with ``std_fit``; each head's grid point is chosen on the validation rows
-    (:func:`select`), refit on ``rows_final`` with ``std_all`` when ``o.refit``, and the
+    (:func:`select`), refit on ``rows_final`` with ``std_all`` when ``o.config.refit``, and the
     final heads are evaluated on the test rows in one pass. ``base`` holds the setting's
     model/dataset/block/t/pool/name for the results.
     """
     sq_norm = mean_sq_norm(m_fit, std_fit.mean, std_fit.inv_std)
-    steps_per_epoch = math.ceil(len(fit_rows) / o.batch_size)
+    steps_per_epoch = math.ceil(len(fit_rows) / o.config.batch_size)
     points = []
     for s in specs:
-        options = tuple(sorted({**s.options, **o.head_options.get(s.name, {})}.items()))
-        if o.wds is not None:
-            wds = o.wds
+        options = tuple(sorted({**s.options, **o.config.head_options.get(s.name, {})}.items()))
+        if o.config.wds is not None:
+            wds = o.config.wds
         elif s.cs:
             wds = [1.0 / (c * len(fit_rows)) for c in s.cs]
         else:
             wds = list(s.wds)
-        if o.lrs:
-            lrs = o.lrs
+        if o.config.lrs:
+            lrs = o.config.lrs
         elif s.etas:
             lrs = [eta / max(sq_norm, 1e-12) for eta in s.etas]
         else:
             lrs = list(s.lrs)
         for wd in wds:
-            if s.etas and not o.lrs:
+            if s.etas and not o.config.lrs:
                 # Cap the rate so that SGD's memory, (1 - momentum) / (lr · wd) steps, spans
                 # MEMORY_EPOCHS epochs: with a strong L2 term and a larger rate the weights only
                 # reflect the last few batches, and even tail averaging leaves them re-weighting
@@ -87,24 +89,24 @@ def trained_heads(specs: list[HeadSpec], train_src: RowSource, test_src: RowSour
                 wd_lrs = list(lrs)
             points += [GridPoint(s, lr, wd, options) for lr in wd_lrs]
 
-    epochs = max(o.epochs, math.ceil(o.min_steps / steps_per_epoch))
+    epochs = max(o.config.epochs, math.ceil(o.config.min_steps / steps_per_epoch))
 
     def hparams(p: GridPoint) -> dict:
         # C: the scikit-learn C with the same L2 strength (SGD objective CE + wd/2 ‖W‖²).
         c = {"C": 1.0 / (p.wd * len(fit_rows))} if p.spec.convex and p.spec.optimizer == "sgd" and p.wd > 0 else {}
         eta = {"eta": p.lr * sq_norm} if p.spec.etas else {}  # the lr as a multiple of 1 / E‖x‖²
         return {"lr": p.lr, "wd": p.wd, **c, **eta, **_plain(dict(p.options)), "optimizer": p.spec.optimizer,
-                "epochs": epochs, "batch_size": o.batch_size, "standardize": o.standardize}
+                "epochs": epochs, "batch_size": o.config.batch_size, "standardize": o.config.standardize}
 
-    torch.manual_seed(o.seed)
+    torch.manual_seed(o.config.seed)
     trainers = make_trainers(points, shape, k, o.device)
     logger.info("training %d heads in one pass: %s", len(points),
                 ", ".join(f"{s.name} x{sum(p.spec is s for p in points)}" for s in specs))
-    seconds = train(train_src, fit_rows, trainers, std_fit, epochs=epochs, batch_size=o.batch_size, seed=o.seed,
+    seconds = train(train_src, fit_rows, trainers, std_fit, epochs=epochs, batch_size=o.config.batch_size, seed=o.config.seed,
                     device=o.device)
     modules = exported(points, trainers)
     objectives = _objectives(points, modules, train_src, fit_rows, std_fit, o)
-    y_val, val_top, val_loss = predict(train_src, val_rows, modules, std_fit, batch_size=max(o.batch_size, 1024),
+    y_val, val_top, val_loss = predict(train_src, val_rows, modules, std_fit, batch_size=max(o.config.batch_size, 1024),
                                        device=o.device)
     val_scores = [metrics(y_val, top, k, loss) for top, loss in zip(val_top, val_loss)]
     diverged = []
@@ -121,36 +123,36 @@ def trained_heads(specs: list[HeadSpec], train_src: RowSource, test_src: RowSour
     for s in specs:
         chosen[s.name], cands = select(s, points, val_scores, objectives, diverged)
         candidates.update(cands)
-    if o.refit:
+    if o.config.refit:
         # A convex head keeps its C on the larger train + val set (as scikit-learn's refit does):
         # wd = 1 / (C · n) shrinks with n.
         scale = len(fit_rows) / len(rows_final)
         best = [dataclasses.replace(points[i], wd=points[i].wd * scale) if points[i].spec.convex else points[i]
                 for i in chosen.values()]
-        torch.manual_seed(o.seed + 1)
+        torch.manual_seed(o.config.seed + 1)
         refits = make_trainers(best, shape, k, o.device)
-        seconds += train(train_src, rows_final, refits, std_all, epochs=epochs, batch_size=o.batch_size,
-                         seed=o.seed + 1, device=o.device)
+        seconds += train(train_src, rows_final, refits, std_all, epochs=epochs, batch_size=o.config.batch_size,
+                         seed=o.config.seed + 1, device=o.device)
         finals = exported(best, refits)
     else:
         finals = [modules[i] for i in chosen.values()]
-    std_final = std_all if o.refit else std_fit
+    std_final = std_all if o.config.refit else std_fit
     y_test, test_top, test_loss = predict(test_src, test_rows, finals, std_final,
-                                          batch_size=max(o.batch_size, 1024), device=o.device)
+                                          batch_size=max(o.config.batch_size, 1024), device=o.device)
     results = []
     for (h, i), module, top, loss in zip(chosen.items(), finals, test_top, test_loss):
         grid = [{"hparams": hparams(p), "val": val_scores[j], "objective": objectives[j], "diverged": diverged[j],
                  "candidate": j in candidates} for j, p in enumerate(points) if p.spec.name == h]
         result = HeadResult(h, **base, hparams=hparams(points[i]), val=val_scores[i],
                             test=metrics(y_test, top, k, loss),
-                            grid=grid, refit=o.refit, n_train=len(rows_final), seconds=seconds,
+                            grid=grid, refit=o.config.refit, n_train=len(rows_final), seconds=seconds,
                             n_params=count_parameters(module))
         results.append((result, Probe(Standardize(std_final.mean, std_final.inv_std), module).eval()))
     return results
 
 
 def _objectives(points: list[GridPoint], modules: list[torch.nn.Module], source: RowSource, fit_rows: np.ndarray,
-                std_fit: Standardize, o: Options) -> list[float]:
+                std_fit: Standardize, o: ProbeRun) -> list[float]:
     """The regularised training objective ``CE(fit rows) + wd/2 ‖W‖²`` of each convex head (NaN for others).
 
     One forward pass over the fit rows for the convex heads of the grid: exact, where the
@@ -162,7 +164,7 @@ def _objectives(points: list[GridPoint], modules: list[torch.nn.Module], source:
     if not convex:
         return out
     _, _, losses = predict(source, fit_rows, [modules[i] for i in convex], std_fit,
-                           batch_size=max(o.batch_size, 1024), device=o.device)
+                           batch_size=max(o.config.batch_size, 1024), device=o.device)
     for i, loss in zip(convex, losses):
         sq = sum(float((m.weight.detach() ** 2).sum()) for m in modules[i].modules()
                  if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d)))

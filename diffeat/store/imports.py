@@ -22,9 +22,16 @@ import numpy as np
 
 from diffeat import __version__
 from diffeat.errors import StoreError
-from diffeat.store.layout import check_name, plan_chunks, setting_path, settings_hash
-from diffeat.store.reader import FeatureStore, SettingInfo
+from diffeat.runtime.checks import check_choice
 from diffeat.store.catalog import entry_key
+from diffeat.store.layout import (
+    STORE_DTYPES,
+    check_name,
+    plan_chunks,
+    setting_path,
+    settings_hash,
+)
+from diffeat.store.reader import FeatureStore, SettingInfo
 from diffeat.store.writer import SettingWriter
 
 logger = logging.getLogger(__name__)
@@ -34,7 +41,6 @@ DEFAULT_MODEL = "external"
 #: assignment concurrently, so an import of 64 MiB shards one by one ran at 0.7× of plain zarr's
 #: ``array[:] = x`` (measured, 262 MB, 2 cores); four at a time keeps both cores busy.
 WRITE_BYTES = 256 << 20
-STORE_DTYPES = ("float16", "float32")
 
 
 @dataclass(frozen=True)
@@ -132,8 +138,7 @@ def import_features(store: FeatureStore, dataset: str, split: str, name: str, ar
     check_name(model, "model")
     if store.mode != "a":
         raise StoreError(f"{store.location} is open read-only; importing needs mode='a'")
-    if store_dtype not in STORE_DTYPES:
-        raise StoreError(f"store dtype {store_dtype!r} is not one of {', '.join(STORE_DTYPES)}")
+    check_choice(store_dtype, STORE_DTYPES, "--store-dtype")
     shape = tuple(int(v) for v in array.shape)
     if len(shape) not in (2, 4) or not np.issubdtype(np.dtype(array.dtype), np.number):
         raise StoreError(f"features to import must be a numeric (N, D) or (N, C, k, k) array, got shape {shape} "

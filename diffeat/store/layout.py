@@ -26,6 +26,9 @@ from dataclasses import dataclass
 
 from diffeat.errors import StoreError
 
+#: Precisions a feature array may be stored in (``--store-dtype``).
+STORE_DTYPES = ("float16", "float32")
+
 STORE_FORMAT = 1
 _SAFE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 

@@ -29,6 +29,7 @@ from pathlib import Path
 from zarr.storage import FsspecStore
 
 from diffeat.errors import StoreError
+from diffeat.store.location import bucket, is_url, local_path, protocol
 
 #: fsspec protocols whose first path component is a bucket (or container).
 BUCKET_PROTOCOLS = frozenset({"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "r2"})
@@ -42,11 +43,6 @@ _CONNECTION_ERRORS = frozenset({"EndpointConnectionError", "ConnectTimeoutError"
                                 "ServerDisconnectedError", "ClientOSError", "ServerTimeoutError",
                                 "ConnectionError", "TimeoutError", "gaierror"})
 _MISSING_OK = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError)
-
-
-def protocol(location: str) -> str:
-    """The fsspec protocol of a location: ``s3`` for ``s3://b/p``, ``file`` for a plain path."""
-    return location.split("://", 1)[0].lower() if "://" in location else "file"
 
 
 def remote_options(location: str, storage_options: dict | None) -> dict:
@@ -108,8 +104,7 @@ def remote_error(location: str, e: BaseException, *, writing: bool) -> StoreErro
 
 def missing_bucket(location: str) -> str:
     """The sentence for a missing bucket: which one, and what to check."""
-    bucket = location.split("://", 1)[-1].split("/", 1)[0]
-    return (f"bucket {bucket!r} does not exist (or is not visible with these credentials or this endpoint)")
+    return (f"bucket {bucket(location)!r} does not exist (or is not visible with these credentials or this endpoint)")
 
 
 def reraise_remote(location: str, e: BaseException, *, writing: bool):
@@ -118,14 +113,6 @@ def reraise_remote(location: str, e: BaseException, *, writing: bool):
     if err is None or err is e:
         raise e
     raise err from e
-
-
-def _local_path(location: str) -> Path | None:
-    if "://" not in location:
-        return Path(location).expanduser().absolute()
-    if location.startswith("file://"):
-        return Path(location[len("file://"):]).expanduser().absolute()
-    return None
 
 
 def _complete_temp_file(path: str, data: bytes) -> str:
@@ -142,7 +129,7 @@ class ObjectStore:
 
     def __init__(self, location: str, storage_options: dict | None = None):
         self.location = location
-        self._local = _local_path(location)
+        self._local = None if is_url(location) else local_path(location)
         if self._local is None:
             import fsspec
 
@@ -373,3 +360,17 @@ class RemoteZarrStore(FsspecStore):
     list = _translated_listing("list")
     list_prefix = _translated_listing("list_prefix")
     list_dir = _translated_listing("list_dir")
+
+
+def make_zarr_store(location: str, *, read_only: bool, storage_options: dict | None = None):
+    """A zarr store object for a path or fsspec URL.
+
+    URLs get a :class:`RemoteZarrStore`: listings are never cached (other writers add objects)
+    and access errors (denied, no credentials, unreachable endpoint, missing bucket) are
+    one-line ``StoreError``s naming the store. Paths and ``file://`` URLs get zarr's ``LocalStore``.
+    """
+    from zarr.storage import LocalStore
+
+    if is_url(location):
+        return RemoteZarrStore.open(location, read_only=read_only, storage_options=storage_options)
+    return LocalStore(local_path(location), read_only=read_only)

@@ -14,31 +14,14 @@ import numpy as np
 import zarr
 
 from diffeat.errors import StoreError
+from diffeat.runtime.checks import check_choice
 from diffeat.store.layout import STORE_FORMAT, check_name
+from diffeat.store.location import absolute, is_url, local_path
+from diffeat.store.refs import ArrayRef
+from diffeat.store.streaming import aligned_rows, block_ranges
+from diffeat.store.streaming import prefetch as read_ahead
 
 logger = logging.getLogger(__name__)
-
-
-def is_url(location: str) -> bool:
-    """True for an fsspec URL (``s3://``, ``gs://``, ``memory://`` ...), False for a local path."""
-    return "://" in location and not location.startswith("file://")
-
-
-def make_zarr_store(location: str, *, read_only: bool, storage_options: dict | None = None):
-    """A zarr store object for a path or fsspec URL.
-
-    URLs get a ``RemoteZarrStore``: listings are never cached (other writers add objects)
-    and access errors (denied, no credentials, unreachable endpoint, missing bucket) are
-    one-line ``StoreError``s naming the store.
-    """
-    from zarr.storage import LocalStore
-
-    if is_url(location):
-        from diffeat.store.objects import RemoteZarrStore
-
-        return RemoteZarrStore.open(location, read_only=read_only, storage_options=storage_options)
-    path = location[len("file://"):] if location.startswith("file://") else location
-    return LocalStore(os.path.abspath(os.path.expanduser(path)), read_only=read_only)
 
 
 @dataclass(frozen=True)
@@ -108,6 +91,8 @@ class FeatureSet:
     labels: np.ndarray
     class_names: list[str]
     attrs: dict
+    location: str = ""  # the store's path or URL (for dask workers, which open the array themselves)
+    storage_options: dict | None = None
 
     def __len__(self) -> int:
         return int(self.array.shape[0])
@@ -123,26 +108,40 @@ class FeatureSet:
         """Uncompressed size in bytes."""
         return int(np.prod(self.array.shape)) * self.array.dtype.itemsize
 
+    def block_ranges(self, rows: int = 4096) -> list[tuple[int, int]]:
+        """``(lo, hi)`` of contiguous row blocks of about ``rows`` rows, each whole stored chunks."""
+        return block_ranges(len(self), self.chunk_rows, rows)
+
+    def read(self, lo: int, hi: int, dtype: np.dtype | type = np.float32) -> np.ndarray:
+        """Rows ``[lo, hi)`` as ``dtype``."""
+        return np.asarray(self.array[lo:hi], dtype=dtype)
+
     def load(self, dtype: np.dtype | type = np.float32) -> np.ndarray:
         """Read every row into memory."""
-        return np.asarray(self.array[:], dtype=dtype)
+        return self.read(0, len(self), dtype)
 
-    def iter_blocks(self, rows: int = 4096, dtype: np.dtype | type = np.float32) -> Iterator[tuple[int, np.ndarray]]:
+    def iter_blocks(self, rows: int = 4096, dtype: np.dtype | type = np.float32, *, prefetch: int = 1
+                    ) -> Iterator[tuple[int, np.ndarray]]:
         """Yield ``(start, block)`` over contiguous row blocks, aligned to whole chunks.
 
-        ``rows`` is rounded up to a multiple of the chunk rows, so each stored chunk
-        is decoded once; memory holds one block at a time (out-of-core).
+        ``rows`` is rounded up to a multiple of the chunk rows, so each stored chunk is
+        decoded once; the next block is read in a thread while the caller uses this one
+        (``prefetch`` blocks ahead; 0 reads in the caller's thread). Memory holds
+        ``1 + prefetch`` blocks at a time (out-of-core).
         """
-        step = max(self.chunk_rows, -(-rows // self.chunk_rows) * self.chunk_rows)
-        for lo in range(0, len(self), step):
-            yield lo, np.asarray(self.array[lo:lo + step], dtype=dtype)
+        blocks = ((lo, self.read(lo, hi, dtype)) for lo, hi in self.block_ranges(rows))
+        yield from read_ahead(blocks, depth=prefetch)
 
     def to_dask(self, rows: int = 4096):
         """A dask array over the features, one dask chunk per ``rows`` rows (chunk-aligned)."""
         import dask.array as da
 
-        step = max(self.chunk_rows, -(-rows // self.chunk_rows) * self.chunk_rows)
-        return da.from_zarr(self.array, chunks=(step,) + tuple(self.array.shape[1:]))
+        return da.from_zarr(self.array, chunks=(aligned_rows(rows, self.chunk_rows),) + tuple(self.array.shape[1:]))
+
+    def ref(self) -> ArrayRef:
+        """Where a dask worker opens this setting's array itself (``diffeat.store.refs``)."""
+        return ArrayRef(absolute(self.location), self.info.path, self.storage_options, tuple(self.array.shape),
+                        self.chunk_rows, self.info.label())
 
 
 class FeatureStore:
@@ -159,6 +158,8 @@ class FeatureStore:
         read_only = mode == "r"
         if not read_only and not is_url(self.location):
             _check_local_writable(self.location)
+        from diffeat.store.objects import make_zarr_store
+
         store = make_zarr_store(self.location, read_only=read_only, storage_options=storage_options)
         try:
             if read_only:
@@ -288,13 +289,7 @@ class FeatureStore:
         ids, labels, classes = self.sample_table(dataset, split, meta.get("manifest_sha256"))
         if len(ids) != array.shape[0]:
             raise StoreError(f"{info.path} has {array.shape[0]} rows but its sample table has {len(ids)}")
-        return FeatureSet(info, array, ids, labels, classes, meta)
-
-    def import_features(self, dataset: str, split: str, name: str, array, **options):
-        """Put external features under ``name`` (see ``diffeat.store.imports.import_features``)."""
-        from diffeat.store.imports import import_features
-
-        return import_features(self, dataset, split, name, array, **options)
+        return FeatureSet(info, array, ids, labels, classes, meta, self.location, self.storage_options)
 
 
 def _open_or_create_root(store) -> zarr.Group:
@@ -313,8 +308,7 @@ def _open_or_create_root(store) -> zarr.Group:
 
 
 def _check_local_writable(location: str) -> None:
-    path = Path(location[len("file://"):] if location.startswith("file://") else location).expanduser()
-    existing = path
+    existing = local_path(location)
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not os.access(existing, os.W_OK):
@@ -326,12 +320,35 @@ def _check_local_writable(location: str) -> None:
 
 def open_store(location: str | Path, *, mode: str = "r", storage_options: dict | None = None) -> FeatureStore:
     """Open the feature store at a path or fsspec URL (``mode="r"``: read-only)."""
-    if mode not in ("r", "a"):
-        raise StoreError(f"store mode must be 'r' or 'a', not {mode!r}")
+    check_choice(mode, ("r", "a"), "store mode", error=StoreError)
     return FeatureStore(location, mode=mode, storage_options=storage_options)
+
+
+def as_store(store: str | Path | FeatureStore, *, mode: str = "r", storage_options: dict | None = None
+             ) -> FeatureStore:
+    """An open ``FeatureStore``: ``store`` itself when it is one, else the store at that path or URL.
+
+    The one way extract (``mode="a"``), probe and CKA (``mode="r"``) take their ``store`` argument.
+    An open store must be writable when ``mode="a"`` is asked for.
+    """
+    if isinstance(store, FeatureStore):
+        if mode == "a" and store.mode == "r":
+            raise StoreError(f"store {store.location} is open read-only; this needs it opened with mode 'a'")
+        return store
+    if not str(store).strip():
+        raise StoreError("--store is empty: give a path or fsspec URL for the feature store")
+    return open_store(store, mode=mode, storage_options=storage_options)
+
+
+def store_option(options: dict) -> tuple[dict, FeatureStore | None]:
+    """Split a stage's keyword arguments for its options record: an open ``FeatureStore`` given as
+    ``store=`` becomes its location (and storage options) in the record, and is returned beside it."""
+    store = options.get("store")
+    if not isinstance(store, FeatureStore):
+        return options, None
+    return {**options, "store": store.location, "storage_options": store.storage_options}, store
 
 
 def open_features(store: str | Path | FeatureStore, **keywords) -> FeatureSet:
     """Open one setting of a store (path, URL or open ``FeatureStore``) read-only."""
-    fs = store if isinstance(store, FeatureStore) else open_store(store, mode="r")
-    return fs.open_features(**keywords)
+    return as_store(store).open_features(**keywords)

@@ -27,7 +27,7 @@ import numpy as np
 import zarr
 
 from diffeat.errors import StoreError
-from diffeat.progress import Progress
+from diffeat.runtime.progress import Progress
 from diffeat.store import catalog
 from diffeat.store.layout import settings_hash
 from diffeat.store.reader import FeatureStore, SettingInfo

@@ -29,7 +29,13 @@ from diffeat import __version__
 from diffeat.errors import StoreError
 from diffeat.store import catalog
 from diffeat.store.claims import Claims
-from diffeat.store.layout import STORE_FORMAT, ChunkPlan, plan_chunks, settings_hash, table_path
+from diffeat.store.layout import (
+    STORE_FORMAT,
+    ChunkPlan,
+    plan_chunks,
+    settings_hash,
+    table_path,
+)
 from diffeat.store.reader import FeatureStore
 
 logger = logging.getLogger(__name__)

@@ -17,50 +17,18 @@ import datetime as _dt
 import json
 import logging
 import math
-import platform
 import secrets
 import sys
 from collections.abc import Iterable, Sequence
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from diffeat import __version__
 from diffeat.errors import DiffeatError
+from diffeat.runtime.envinfo import host_info, package_versions
 
 logger = logging.getLogger(__name__)
-
-VERSIONED_PACKAGES = ("torch", "numpy", "zarr", "numcodecs", "scikit-learn", "scipy", "dask", "diffusers",
-                      "safetensors", "click")
-
-
-def package_versions(extra: Sequence[str] = ()) -> dict[str, str | None]:
-    """Versions of Python, diffeat and the packages results depend on (None when not installed).
-
-    Read from package metadata, so nothing heavy is imported.
-    """
-    out: dict[str, str | None] = {"python": platform.python_version(), "diffeat": __version__}
-    for name in (*VERSIONED_PACKAGES, *extra):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
-    return out
-
-
-def host_info() -> dict[str, Any]:
-    """Where a run happened: platform, machine, CPU count, GPU name when torch sees one."""
-    import os
-
-    info: dict[str, Any] = {"platform": platform.platform(), "machine": platform.machine(),
-                            "node": platform.node(), "cpus": os.cpu_count()}
-    torch = sys.modules.get("torch")  # only report a GPU if the stage already imported torch
-    if torch is not None and torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name(0)
-    return info
-
 
 def utc_now() -> str:
     """UTC timestamp, ISO 8601, seconds."""

@@ -36,8 +36,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from diffeat.devices import resolve_device
 from diffeat.errors import DiffeatError, ModelError
+from diffeat.runtime.checks import check_choice
+from diffeat.runtime.devices import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -199,13 +200,9 @@ def bench(
     """
     from diffusers import UNet2DModel
 
-    from diffeat.extract import extract
-    from diffeat.extract.forward import (
-        COMPUTE_DTYPES,
-        check_batch_size,
-        observe_loop,
-        release_prepared,
-    )
+    from diffeat.extract.config import COMPUTE_DTYPE_NAMES, check_batch_size
+    from diffeat.extract.forward import observe_loop
+    from diffeat.extract.run import extract
     from diffeat.models.blocks import block_table, check_blocks
     from diffeat.models.loading import ARCHITECTURES, load_model
     from diffeat.models.noise import check_timestep
@@ -213,8 +210,7 @@ def bench(
     dev = resolve_device(device)
     cuda = dev.type == "cuda"
     dtype = dtype or ("bfloat16" if cuda else "float32")
-    if dtype not in COMPUTE_DTYPES:
-        raise DiffeatError(f"--dtype {dtype!r} is invalid: choose one of {', '.join(COMPUTE_DTYPES)}")
+    check_choice(dtype, COMPUTE_DTYPE_NAMES, "--dtype")
     check_timestep(t)
     batch_size = check_batch_size(batch_size)
     for name, value, low in (("--warmup", warmup, 0), ("--iters", iters, 1)):
@@ -228,8 +224,7 @@ def bench(
     # Options are checked first, on the architecture alone (a random 550M-parameter model takes
     # ten seconds to build): a bad --block fails at once. extract() then loads its own copy.
     if model is None:
-        if arch not in ARCHITECTURES:
-            raise ModelError(f"--arch {arch!r} is unknown: choose one of {', '.join(sorted(ARCHITECTURES))}")
+        check_choice(arch, sorted(ARCHITECTURES), "--arch", error=ModelError)
         with torch.device("meta"):
             unet = UNet2DModel(**ARCHITECTURES[arch])
     else:
@@ -250,13 +245,12 @@ def bench(
     with tempfile.TemporaryDirectory(prefix="diffeat-bench-", dir=workdir) as tmp:
         root = write_images(Path(tmp) / "images", images, size)
         start = time.perf_counter()
-        with observe_loop(compile=compile) as runs:
+        with observe_loop() as runs:
             report = extract(dataset="imagefolder", root=str(root), splits=["train"], model=spec, blocks=[block],
                              ts=[t], pools=[1], store=str(Path(tmp) / "feats.zarr"), batch_size=batch_size,
                              device=str(dev), dtype=dtype, num_workers=num_workers, resolution=res,
-                             progress=False)
+                             compile=compile, progress=False)
         wall = time.perf_counter() - start
-    release_prepared()
     loop = _loop_rates(runs, report, wall)
     if cuda:
         torch.cuda.empty_cache()
@@ -297,11 +291,7 @@ def bench(
 def _time_forwards(spec: str, block: int, module_name: str, t: int, res: int, dtype: str, dev: torch.device,
                    batch_size: int, micro: int, compile: bool, warmup: int, iters: int, ablation: bool) -> dict:
     """Forward-only and naive images/s (and FLOPs, the dtype-vs-fp32 cosine, the optional ablation)."""
-    from diffeat.extract.forward import (
-        COMPUTE_DTYPES,
-        prepare_forward,
-        release_prepared,
-    )
+    from diffeat.extract.forward import COMPUTE_DTYPES, prepare_forward
     from diffeat.models.flops import count_flops
     from diffeat.models.loading import load_model
     from diffeat.models.truncated import TruncatedUNet
@@ -355,7 +345,6 @@ def _time_forwards(spec: str, block: int, module_name: str, t: int, res: int, dt
     if ablation:
         steps = _ablation(unet, block, x, tt, micro, dtype, dev, warmup, iters, naive, forward,
                           prepared.compiled, TruncatedUNet)
-    release_prepared()
     return {"forward": forward, "naive": naive, "cosine": cosine, "ablation": steps, "flops": flops,
             "flops_full": flops_full}
 

@@ -46,7 +46,7 @@ def check_cluster_options(scheduler: str | None, workers: int | None) -> None:
         raise DiffeatError("give --scheduler ADDRESS (a running dask cluster) or --workers N (a local one), "
                            "not both")
     if workers is not None and (isinstance(workers, bool) or not isinstance(workers, int) or workers < 1):
-        raise DiffeatError(f"--workers must be a whole number of worker processes, at least 1, got {workers!r}")
+        raise DiffeatError(f"--workers {workers!r} is invalid: it must be a whole number of worker processes >= 1")
     if scheduler is not None and not str(scheduler).strip():
         raise DiffeatError("--scheduler is empty: give a scheduler address such as tcp://10.0.0.1:8786")
 

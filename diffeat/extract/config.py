@@ -1,0 +1,105 @@
+"""``ExtractConfig``: every option of the extract stage, in one frozen record.
+
+The CLI (``diffeat extract``), the library (``extract(**kw)`` builds one), a pipeline's
+``extract`` stage (its option list is these fields), the dask job sent to workers and the
+run's JSON record all use this one record, so an option is named, defaulted and checked in
+one place. What determines the stored values (model, dataset, block, t, pool, seed, draws,
+dtypes, resolution) goes into each setting's identity hash in ``extract.run``; the rest
+(batch size, workers, device) only decides how fast they are computed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from diffeat.errors import DiffeatError
+from diffeat.runtime.checks import check_at_least, check_choice
+from diffeat.runtime.stageconfig import StageConfig, as_ints, as_strs
+from diffeat.store.layout import STORE_DTYPES
+
+#: Compute precisions of the forward (``--dtype``).
+COMPUTE_DTYPE_NAMES = ("float32", "bfloat16", "float16")
+
+
+@dataclass(frozen=True)
+class ExtractConfig(StageConfig):
+    """Options of ``diffeat extract`` (see ``diffeat extract --help`` for each one's meaning)."""
+
+    stage = "extract"
+
+    dataset: str
+    model: str
+    blocks: tuple[int, ...]
+    ts: tuple[int, ...]
+    store: str
+    pools: tuple[int, ...] = (1,)
+    storage_options: dict | None = field(default=None, hash=False, metadata={"secret": True})
+    root: str | None = None
+    splits: tuple[str, ...] = ()  # () = the dataset's standard pair; ("all",) = every split
+    classes: str | None = None
+    limit: int | None = None
+    resolution: int | None = None
+    batch_size: int | str = "auto"
+    device: str = "auto"
+    dtype: str = "float32"
+    store_dtype: str = "float16"
+    num_workers: int | None = None
+    seed: int = 0
+    noise_draws: int = 1
+    chunk_rows: int | None = None
+    scheduler: str | None = None
+    workers: int | None = None
+    wait: bool = True
+    compile: bool | None = None
+    progress: bool | None = None
+
+    def __post_init__(self) -> None:
+        from diffeat.models.noise import check_timestep
+
+        self._set("store", str(self.store))
+        for name in ("root", "classes"):
+            value = getattr(self, name)
+            self._set(name, None if value is None else str(value))
+        self._set("blocks", as_ints(self.blocks, "--block"))
+        self._set("ts", as_ints(self.ts, "--t"))
+        self._set("pools", as_ints(self.pools, "--pool"))
+        self._set("splits", as_strs(self.splits))
+        if not self.blocks:
+            raise DiffeatError("give at least one --block")
+        if not self.ts:
+            raise DiffeatError("give at least one --t")
+        for t in self.ts:
+            check_timestep(t)
+        for k in self.pools:
+            if k < 1:
+                raise DiffeatError(f"--pool {k} is invalid: pool sizes are integers >= 1 (the paper uses 1, 2, 4, 8)")
+        self._set("batch_size", check_batch_size(self.batch_size))
+        check_choice(self.dtype, COMPUTE_DTYPE_NAMES, "--dtype")
+        check_choice(self.store_dtype, STORE_DTYPES, "--store-dtype")
+        check_at_least(self.noise_draws, 1, "--noise-draws", what="an integer")
+        for name, low in (("limit", 1), ("resolution", 1), ("num_workers", 0)):
+            value = getattr(self, name)
+            if value is not None:
+                check_at_least(value, low, f"--{name.replace('_', '-')}", what="an integer")
+        if self.chunk_rows is not None and (self.chunk_rows < 1 or self.chunk_rows & (self.chunk_rows - 1)):
+            raise DiffeatError(f"--chunk-rows {self.chunk_rows} is invalid: it must be a power of two >= 1")
+        from diffeat.runtime.cluster import check_cluster_options
+
+        check_cluster_options(self.scheduler, self.workers)
+
+    def for_workers(self) -> ExtractConfig:
+        """The record as a process on another machine must read it: local paths made absolute."""
+        from diffeat.store.location import absolute
+
+        return self.replace(store=absolute(self.store), root=absolute(self.root) if self.root else None,
+                            classes=absolute(self.classes) if self.classes else None)
+
+
+def check_batch_size(batch_size: int | str) -> int | str:
+    """``batch_size`` if it is an integer >= 1 or ``"auto"``, else a ``DiffeatError`` naming --batch-size."""
+    if batch_size == "auto":
+        return batch_size
+    if isinstance(batch_size, int) and not isinstance(batch_size, bool) and batch_size >= 1:
+        return int(batch_size)
+    raise DiffeatError(f"--batch-size {batch_size!r} is invalid: it must be an integer >= 1 or 'auto' "
+                       "(the largest batch that fits GPU memory; a fixed size on CPU)")

@@ -1,0 +1,146 @@
+"""Streaming a setting from the store: chunk-aligned row blocks, a read-ahead thread, float64 moments.
+
+One home for what every reader of a large setting needs (``FeatureSet.iter_blocks``, CKA's
+sources and routes, the probe's streamed rows and statistics pass, their dask workers):
+
+* :func:`block_ranges` cuts N rows into contiguous blocks that are whole stored chunks (or
+  shards), so each chunk is fetched and decoded exactly once;
+* :func:`prefetch` reads the next block in a thread while the caller works on this one
+  (blosc and the crc32c codec release the GIL, so decoding overlaps BLAS);
+* :class:`RunningMoments` folds per-feature count, mean and centred sum of squares in float64
+  block by block with Chan et al.'s merge, which has no ``Σx² - n·mean²`` cancellation.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import TypeVar
+
+import numpy as np
+
+T = TypeVar("T")
+
+
+def aligned_rows(rows: int, chunk_rows: int) -> int:
+    """``rows`` rounded up to whole chunks of ``chunk_rows`` (at least one chunk)."""
+    chunk_rows = max(1, int(chunk_rows))
+    return max(chunk_rows, -(-int(rows) // chunk_rows) * chunk_rows)
+
+
+def block_ranges(n: int, chunk_rows: int, rows: int) -> list[tuple[int, int]]:
+    """``(lo, hi)`` of contiguous blocks of about ``rows`` rows over ``[0, n)``, each whole stored chunks."""
+    step = aligned_rows(rows, chunk_rows)
+    return [(lo, min(n, lo + step)) for lo in range(0, n, step)]
+
+
+def prefetch(items: Iterable[T], depth: int = 1, name: str = "diffeat-read-ahead") -> Iterator[T]:
+    """Iterate ``items`` with the next ``depth`` of them produced in a background thread.
+
+    Exceptions of the producer are re-raised in the caller; leaving the loop early stops
+    the producer after the item it is working on.
+    """
+    if depth <= 0:
+        yield from items
+        return
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def work() -> None:
+        try:
+            for item in items:
+                if stop.is_set():
+                    return
+                q.put((True, item))
+            q.put((True, done))
+        except BaseException as e:  # noqa: BLE001 - handed to the consumer
+            q.put((False, e))
+
+    thread = threading.Thread(target=work, name=name, daemon=True)
+    thread.start()
+    try:
+        while True:
+            ok, item = q.get()
+            if not ok:
+                raise item
+            if item is done:
+                return
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                thread.join(timeout=0.05)
+
+
+@dataclass
+class RunningMoments:
+    """Per-feature count, mean and centred sum of squares (float64), merged block by block (Chan et al.).
+
+    ``mean`` and ``m2`` have the shape of one row (``(D,)`` or ``(C, k, k)``). Merging the
+    same blocks in the same order gives bitwise the same numbers, in one process or on a
+    dask cluster.
+    """
+
+    count: int
+    mean: np.ndarray
+    m2: np.ndarray
+
+    @classmethod
+    def empty(cls, shape: tuple[int, ...]) -> RunningMoments:
+        """No rows yet."""
+        return cls(0, np.zeros(shape, np.float64), np.zeros(shape, np.float64))
+
+    @classmethod
+    def of(cls, block: np.ndarray) -> RunningMoments:
+        """The moments of one block of rows ``(n, *shape)``."""
+        out = cls.empty(tuple(block.shape[1:]))
+        out.add(block)
+        return out
+
+    @property
+    def n(self) -> int:
+        """Rows folded in (``count``)."""
+        return self.count
+
+    @property
+    def total(self) -> float:
+        """The centred total sum of squares ``‖X - μ‖²_F`` over every feature."""
+        return float(self.m2.sum())
+
+    def add(self, block: np.ndarray) -> None:
+        """Fold a block of rows ``(n, *shape)`` in."""
+        if len(block) == 0:
+            return
+        x = np.asarray(block).astype(np.float64, copy=False)
+        mean = x.mean(axis=0)
+        self.merge(RunningMoments(len(x), mean, ((x - mean) ** 2).sum(axis=0)))
+
+    def merge(self, other: RunningMoments) -> None:
+        """Fold another set of moments in."""
+        if other.count == 0:
+            return
+        n = self.count + other.count
+        delta = other.mean - self.mean
+        self.mean = self.mean + delta * (other.count / n)
+        self.m2 = self.m2 + other.m2 + delta**2 * (self.count * other.count / n)
+        self.count = n
+
+    def combined(self, other: RunningMoments) -> RunningMoments:
+        """A new object holding both."""
+        out = RunningMoments(self.count, self.mean.copy(), self.m2.copy())
+        out.merge(other)
+        return out
+
+
+def merge_all(parts: Iterable[RunningMoments], shape: tuple[int, ...]) -> RunningMoments:
+    """Fold ``parts`` in the order given (the order decides the last bits: keep it row order)."""
+    out = RunningMoments.empty(shape)
+    for part in parts:
+        out.merge(part)
+    return out
