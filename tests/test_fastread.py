@@ -76,13 +76,14 @@ def test_unwritten_chunks_read_as_the_fill_value(tmp_path, layout):
 def test_a_diffeat_import_reads_like_featureset_load(tmp_path):
     from diffeat.data.table import SampleTable
     from diffeat.store import open_store
+    from diffeat.store.imports import import_features
     from diffeat.store.writer import write_sample_table
 
     x = _values("float32", seed=3)
     fs = open_store(str(tmp_path / "s.zarr"), mode="a")
     write_sample_table(fs, SampleTable("d", "train", None, tuple(f"s{i}" for i in range(N)), ("",) * N,
                                        np.zeros(N, np.int64), ("c",)))
-    fs.import_features("d", "train", "x", x, store_dtype="float16")
+    import_features(fs, "d", "train", "x", x, store_dtype="float16")
     features = open_store(str(tmp_path / "s.zarr")).open_features(dataset="d", split="train", name="x")
     assert _same(read_rows(features.array, 0, N, np.float32), features.load(np.float32))
     assert _same(read_rows(features.array, 3, 9, None), features.array[3:9])

@@ -218,3 +218,34 @@ def test_absent_classes_are_never_predicted():
     assert out["probe"].head.fc.out_features == 4
     with torch.no_grad():
         assert not (out["probe"](torch.from_numpy(xt)).argmax(1) == 2).any()
+
+
+def test_the_default_linear_probe_is_lbfgs_end_to_end(digits, tmp_path):
+    import csv
+
+    from diffeat.heads.io import load_probe
+    from diffeat.probe import probe
+    from diffeat.store import open_store
+
+    common = dict(store=digits, dataset="digits", blocks=[8], ts=[50], pools=[1], device="cpu")
+    report = probe(heads=["linear", "logistic"], out=tmp_path / "a", **common)
+    linear, logistic = report.results
+    assert linear.hparams["recipe"] == "lbfgs" and linear.hparams["C"] in [g["hparams"]["C"] for g in linear.grid]
+    assert linear.test["top1"] >= logistic.test["top1"]
+    with open(report.run_dir / "results.csv", newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r["head"] == "linear"]
+    val = [r for r in rows if r["split"] == "val" and r["metric"] == "top1"]
+    assert len(val) == len(linear.grid) and sum(r["selected"] == "True" for r in val) == 1
+    assert sum(r["split"] == "fit" and r["metric"] == "objective" for r in rows) == len(linear.grid)
+    # The saved probe applies to raw stored features and reproduces the reported test accuracy.
+    model, meta = load_probe(linear.weights)
+    test = open_store(digits).open_features(dataset="digits", split="test", block=8, t=50, pool=1)
+    with torch.no_grad():
+        pred = model(torch.from_numpy(test.load())).argmax(1).numpy()
+    assert float((pred == test.labels).mean()) == pytest.approx(linear.test["top1"], abs=1e-9)
+    # Streamed from the store (a 1-byte budget): the same choice and the same accuracy, to one image.
+    streamed = probe(heads=["linear"], out=tmp_path / "b", memory_budget=1, save_weights=False, **common).results[0]
+    assert streamed.hparams == linear.hparams
+    assert abs(streamed.test["top1"] - linear.test["top1"]) <= 1.0 / len(test) + 1e-12
+    again = probe(heads=["linear"], out=tmp_path / "c", save_weights=False, **common).results[0]
+    assert again.test == linear.test and again.hparams == linear.hparams  # deterministic

@@ -12,6 +12,7 @@ from diffeat.cli.options import (
 )
 
 HEAD_NAMES = ("linear", "mlp", "cnn", "attention", "knn", "logistic")  # checked again by the library registry
+RECIPES = ("lbfgs", "paper")  # diffeat.probe.config.RECIPES (not imported: --help stays instant)
 
 #: Per-head flags, folded into the record's ``head_options`` field: parameter -> (head, option).
 HEAD_FLAGS = {"linear_bn": ("linear", "batchnorm"), "mlp_hidden": ("mlp", "hidden"), "cnn_width": ("cnn", "width"),
@@ -48,6 +49,9 @@ def _floats(values: tuple[str, ...], option: str) -> list[float] | None:
 @click.option("--head", "heads", multiple=True, metavar="HEAD",
               help=f"Head(s) to train, repeatable: {', '.join(HEAD_NAMES)} [default: linear]. Trained heads "
               "share one pass over the data.")
+@click.option("--recipe", type=click.Choice(RECIPES), default="lbfgs", show_default=True,
+              help="How the linear head is trained: lbfgs (full-batch L-BFGS logistic regression, C chosen on "
+              "validation along a warm-started path, refit) or paper (the one-pass SGD grid over lr x wd).")
 @click.option("--train-split", default="train", show_default=True)
 @click.option("--test-split", default="test", show_default=True)
 @click.option("--val-fraction", default=0.1, show_default=True, type=float,
@@ -71,7 +75,8 @@ def _floats(values: tuple[str, ...], option: str) -> list[float] | None:
 @click.option("--attn-heads", type=int, help="attention: attention heads [default: 8].")
 @click.option("--knn-k", default=20, show_default=True, type=int, help="knn: neighbours.")
 @click.option("--knn-t", "knn_temperature", default=0.07, show_default=True, type=float, help="knn: temperature.")
-@click.option("--C", "cs", multiple=True, help="logistic: C values to search [default: 1e-5 ... 10].")
+@click.option("--C", "cs", multiple=True, help="logistic, and linear with --recipe lbfgs: C values to search "
+              "[default: 1e-5 ... 10].")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--memory-budget", help="RAM a split may take before it is streamed from the store, e.g. 8G "
               "[default: 60% of available memory].")

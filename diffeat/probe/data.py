@@ -25,6 +25,7 @@ import torch
 from diffeat.errors import DiffeatError
 from diffeat.probe.config import STANDARDIZE_MODES
 from diffeat.runtime.checks import check_choice
+from diffeat.store.fastread import read_rows
 from diffeat.store.streaming import RunningMoments, aligned_rows, block_ranges, prefetch
 
 if TYPE_CHECKING:
@@ -154,7 +155,7 @@ class StreamedRows(RowSource):
         self.buffer_rows = max(buffer_rows, aligned_rows(block_rows, chunk_rows))
 
     def _read(self, lo: int, hi: int) -> np.ndarray:
-        return np.asarray(self.array[lo:hi], dtype=np.float32)
+        return read_rows(self.array, lo, hi, np.float32)
 
     def _selected(self, rows: np.ndarray, order: list[int]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Read the blocks in ``order`` (one read ahead in a thread) and keep the rows in ``rows``."""
@@ -221,7 +222,7 @@ def make_source(features: FeatureSet, budget: int, device: torch.device, *, bloc
             where = device if nbytes * 1.25 < free else where
         logger.info("loading %s (%s, %.1f MiB) into %s", features.info.path, features.info.split,
                     nbytes / 2**20, where)
-        return InMemoryRows(features.array[:], features.labels, where)
+        return InMemoryRows(features.read(0, len(features), None), features.labels, where)
     row_bytes = 4 * int(np.prod(features.array.shape[1:]))
     if buffer_rows is None:
         buffer_rows = max(block_rows, budget // 4 // max(1, row_bytes))

@@ -15,6 +15,7 @@ import zarr
 
 from diffeat.errors import StoreError
 from diffeat.runtime.checks import check_choice
+from diffeat.store.fastread import read_rows
 from diffeat.store.layout import STORE_FORMAT, check_name
 from diffeat.store.location import absolute, is_url, local_path
 from diffeat.store.refs import ArrayRef
@@ -112,9 +113,15 @@ class FeatureSet:
         """``(lo, hi)`` of contiguous row blocks of about ``rows`` rows, each whole stored chunks."""
         return block_ranges(len(self), self.chunk_rows, rows)
 
-    def read(self, lo: int, hi: int, dtype: np.dtype | type = np.float32) -> np.ndarray:
-        """Rows ``[lo, hi)`` as ``dtype``."""
-        return np.asarray(self.array[lo:hi], dtype=dtype)
+    def read(self, lo: int, hi: int, dtype: np.dtype | type | None = np.float32, *, out: np.ndarray | None = None
+             ) -> np.ndarray:
+        """Rows ``[lo, hi)`` as ``dtype`` (None: the stored dtype), decoded into ``out`` when given.
+
+        Read by the fast path (``diffeat.store.fastread``: whole chunks fetched and decoded
+        concurrently, straight into the result, with zarr-python's values bitwise), or by
+        zarr-python for a layout it does not know.
+        """
+        return read_rows(self.array, lo, hi, dtype, out=out)
 
     def load(self, dtype: np.dtype | type = np.float32) -> np.ndarray:
         """Read every row into memory."""

@@ -29,6 +29,7 @@ import zarr
 from diffeat.errors import StoreError
 from diffeat.runtime.progress import Progress
 from diffeat.store import catalog
+from diffeat.store.fastread import read_rows
 from diffeat.store.layout import settings_hash
 from diffeat.store.reader import FeatureStore, SettingInfo
 
@@ -207,7 +208,7 @@ def _check_setting(store: FeatureStore, info: SettingInfo, entry: dict | None) -
             continue
         lo, hi = u * unit_rows, min(n, (u + 1) * unit_rows)
         try:
-            block = np.asarray(array[lo:hi])
+            block = read_rows(array, lo, hi, None)
         except Exception as e:  # noqa: BLE001 - a corrupt chunk can fail in any codec
             check.damaged.append(UnitDamage(u, (lo, hi), f"unreadable: {type(e).__name__}: {e}"))
             continue
