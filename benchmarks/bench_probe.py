@@ -142,15 +142,15 @@ def scale(args, work: Path) -> None:
     cmd += ["--cs", args.cs] if args.cs else []
     cmd += ["--threads", str(args.threads)] if args.threads else []
     cmd += ["-v"] if args.verbose else []
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
     if done.returncode:
         sys.stderr.write(done.stderr)
         raise SystemExit(done.returncode)
     if args.verbose:
         sys.stderr.write(done.stderr)
     r = json.loads(done.stdout.strip().splitlines()[-1])
-    print(f"| head | test top1 | chosen | wall s | CPU s | RSS after imports | peak RSS | budget |")
-    print(f"|---|---:|---|---:|---:|---:|---:|---:|")
+    print("| head | test top1 | chosen | wall s | CPU s | RSS after imports | peak RSS | budget |")
+    print("|---|---:|---|---:|---:|---:|---:|---:|")
     print(f"| {r['head']} | {100 * r['top1']:.2f} | {r['chosen']} | {r['wall']:.0f} | {r['cpu']:.0f} | "
           f"{r['rss_after_imports_mib']:.0f} MiB | {r['peak_rss_mib']:.0f} MiB | "
           f"{memory_budget(args.budget) / 2**20:.0f} MiB |")
@@ -223,8 +223,8 @@ def main() -> None:
         ref = runs["logistic"]
         ref_wall = statistics.median(o["wall"] for o in ref)
         ref_cpu = statistics.median(o["cpu"] for o in ref)
-        print(f"\n| head | test top-1 % | vs scikit-learn (points) | wall s | CPU s | scikit-learn wall / this | "
-              f"scikit-learn CPU / this |")
+        print("\n| head | test top-1 % | vs scikit-learn (points) | wall s | CPU s | scikit-learn wall / this | "
+              "scikit-learn CPU / this |")
         print("|---|---:|---:|---:|---:|---:|---:|")
         for spec, outs in runs.items():
             wall = statistics.median(o["wall"] for o in outs)

@@ -217,7 +217,7 @@ def main() -> None:
     files = object_files(array)
     stored = sum(p.stat().st_size for p in files)
     print(f"# array {array.shape} {array.dtype}: chunks of {layout.chunk_rows} rows, "
-          f"{'shards of %d rows' % layout.shard_rows if layout.shard_rows else 'unsharded'}, {len(files)} objects, "
+          f"{f'shards of {layout.shard_rows} rows' if layout.shard_rows else 'unsharded'}, {len(files)} objects, "
           f"{stored / 1e6:.0f} MB stored ({x.nbytes / stored:.3f}×)")
 
     # The chunks' encoded bytes in memory (crc32c stripped), for the decode-only limit.

@@ -16,7 +16,13 @@ import torch
 
 from diffeat.heads import Standardize
 from diffeat.probe import lbfgs, reference
-from diffeat.probe.data import InMemoryRows, make_source, moments, standardizer, stratified_split
+from diffeat.probe.data import (
+    InMemoryRows,
+    make_source,
+    moments,
+    standardizer,
+    stratified_split,
+)
 from diffeat.probe.train import predict
 
 CPU = torch.device("cpu")
@@ -115,7 +121,7 @@ def test_fixed_c_reaches_the_sklearn_optimum():
         assert info.converged
         ref = LogisticRegression(C=c, tol=1e-10, max_iter=10000).fit(x.double().numpy(), y)
 
-        def objective(w: np.ndarray, b: np.ndarray) -> float:  # plain float64 formula
+        def objective(w: np.ndarray, b: np.ndarray, lam: float = lam) -> float:  # plain float64 formula
             z = x.double().numpy() @ w + b
             lse = np.log(np.exp(z - z.max(1, keepdims=True)).sum(1)) + z.max(1)
             return float((lse - z[np.arange(len(y)), y]).mean() + lam / 2 * (w**2).sum())
@@ -238,7 +244,7 @@ def test_the_default_linear_probe_is_lbfgs_end_to_end(digits, tmp_path):
     assert len(val) == len(linear.grid) and sum(r["selected"] == "True" for r in val) == 1
     assert sum(r["split"] == "fit" and r["metric"] == "objective" for r in rows) == len(linear.grid)
     # The saved probe applies to raw stored features and reproduces the reported test accuracy.
-    model, meta = load_probe(linear.weights)
+    model, _ = load_probe(linear.weights)
     test = open_store(digits).open_features(dataset="digits", split="test", block=8, t=50, pool=1)
     with torch.no_grad():
         pred = model(torch.from_numpy(test.load())).argmax(1).numpy()

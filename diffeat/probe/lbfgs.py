@@ -15,11 +15,10 @@ probe_cka.md §4.2), made fast enough to be the default:
 * a **refit** on train + validation at the chosen C (λ follows the larger n, as scikit-learn's
   refit keeps C), warm-started, to a ten times tighter tolerance (scikit-learn's refit tolerance).
 
-Each L-BFGS iteration costs two passes over the data. In memory, the logits ``Z = X W + b``
-of the current point are kept (float64), the direction's ``X P`` is computed once, and the
-strong-Wolfe line search runs on ``Z + α X P`` without touching X again: whatever the line
-search does, an iteration is exactly two matrix products (``X P`` and ``Xᵀ G``), against
-two per trial step for a generic optimiser. A split streamed from the store (larger than the
+In memory, the logits ``Z = X W + b`` of the current point are kept, the direction's
+``X P`` is computed once, and the strong-Wolfe line search runs on ``Z + α X P`` without
+touching X again: whatever the line search does, an iteration is exactly two matrix products
+(``X P`` and ``Xᵀ G``), against two per trial step for a generic optimiser. A split streamed from the store (larger than the
 memory budget) is read in row blocks through its :class:`~diffeat.probe.data.RowSource`;
 each evaluation is then one pass that computes the loss and the full gradient together
 (``Σ_blocks x_bᵀ G_b``), which L-BFGS's unit step makes about one pass per iteration.
@@ -97,10 +96,6 @@ class Params:
         """Another vector of the same shape, as Params."""
         return Params(flat, self.d, self.k)
 
-    def clone(self) -> Params:
-        """A copy."""
-        return self.like(self.flat.clone())
-
 
 def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
     return float(torch.dot(a, b))
@@ -128,10 +123,6 @@ class Design:
 
     def accept(self, alpha: float) -> torch.Tensor:
         """Move to ``θ + αp`` (the caller updates θ); return the flat gradient there."""
-        raise NotImplementedError
-
-    def logits(self, theta: Params) -> torch.Tensor:
-        """``X W + b`` of every row, float32 (n, K)."""
         raise NotImplementedError
 
 
@@ -230,9 +221,6 @@ class DenseDesign(Design):
             self.z = self._product(new.w, new.b)
         self._settle(new.flat)
         return self._at(new, lam)[1]
-
-    def logits(self, theta: Params) -> torch.Tensor:
-        return torch.addmm(theta.b, self.x, theta.w)
 
     def snapshot(self) -> tuple | None:
         """The current point's logits and gradient, to come back to without a pass (None: too large)."""
@@ -341,14 +329,6 @@ class StreamedDesign(Design):
         if self.point is None or not torch.equal(self.point, theta.flat):
             self.evaluate(theta)
         return self.extra_logits
-
-    def logits(self, theta: Params) -> torch.Tensor:
-        out = torch.empty(self.n, theta.k, device=self.device)
-        pos = 0
-        for r, x in self._blocks(self.rows):
-            out[pos:pos + len(r)] = torch.addmm(theta.b, x, theta.w)
-            pos += len(r)
-        return out
 
 
 # ---------------------------------------------------------------------------------------------

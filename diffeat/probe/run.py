@@ -38,7 +38,13 @@ from diffeat.heads import (
 from diffeat.output.records import new_run_dir, utc_now, write_long_csv, write_run_json
 from diffeat.probe import lbfgs, reference
 from diffeat.probe.config import ProbeConfig
-from diffeat.probe.data import RowSource, make_source, moments, standardizer, stratified_split
+from diffeat.probe.data import (
+    RowSource,
+    make_source,
+    moments,
+    standardizer,
+    stratified_split,
+)
 from diffeat.probe.grid import ProbeRun, trained_heads
 from diffeat.probe.results import (
     CSV_COLUMNS,

@@ -140,7 +140,6 @@ def layout_of(array: zarr.Array) -> Layout | None:
 
     def no(why: str) -> None:
         logger.debug("fast read path off for %s: %s (zarr-python reads it)", getattr(array, "path", array), why)
-        return None
 
     meta = getattr(array, "metadata", None)
     if meta is None or getattr(meta, "zarr_format", None) != 3:
