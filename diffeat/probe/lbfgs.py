@@ -59,7 +59,7 @@ HISTORY = 10
 #: Grid points in a row worse than the best on validation before the path stops.
 PATIENCE = 2
 #: Accepted steps between two recomputations of the logits from X (in memory).
-REFRESH = 25
+REFRESH = 50
 #: Largest logits (n × K float32) kept per C of the path, so that fits started from that C's
 #: solution (the half-decade neighbours) begin without a pass over the data.
 SNAPSHOT_BYTES = 64 << 20
@@ -186,14 +186,17 @@ class DenseDesign(Design):
 
     def start(self, theta: Params, lam: float) -> tuple[float, torch.Tensor]:
         if self.point is None or not torch.equal(self.point, theta.flat):
-            self.z = self._product(theta.w, theta.b)
+            if bool(theta.w.any()):
+                self.z = self._product(theta.w, theta.b)
+            else:  # the path's zero start: every row's logits are the bias
+                self.z = theta.b.expand(self.n, theta.k).clone()
             self._settle(theta.flat.clone())
         return self._at(theta, lam)
 
     def line(self, theta: Params, p: Params, lam: float) -> Callable[[float], tuple[float, float]]:
         xp = self._product(p.w, p.b)
-        w64, p64 = theta.w.reshape(-1).double(), p.w.reshape(-1).double()
-        ww, wp, pp = float(w64 @ w64), float(w64 @ p64), float(p64 @ p64)
+        # ‖W‖² exactly as the objective at α = 0 computed it (_at), so f(0) is f0 to the bit
+        ww, wp, pp = _sq(theta.w), _dot(theta.w.reshape(-1), p.w.reshape(-1)), _dot(p.w.reshape(-1), p.w.reshape(-1))
         xp_y = float(xp.gather(1, self.y[:, None]).sum(dtype=torch.float64)) / self.n
         z_y = float(self.z.gather(1, self.y[:, None]).sum(dtype=torch.float64)) / self.n
         z = self.z
