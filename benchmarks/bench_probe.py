@@ -137,7 +137,7 @@ def scale(args, work: Path) -> None:
     print(f"# scale: N_train={len(train)}, D={args.dim * 4}, classes={args.scale_classes}, float16 "
           f"{train.nbytes / 2**30:.2f} GiB on disk decoded, --memory-budget {args.budget} "
           f"({memory_budget(args.budget) / 2**30:.2f} GiB)")
-    cmd = [sys.executable, __file__, "--child", str(store), "--work", str(work), "--heads", args.heads,
+    cmd = [sys.executable, __file__, "--child", str(store), "--work", str(work), "--heads", args.scale_head,
            "--budget", args.budget, "--device", args.device, "--epochs", str(args.epochs)]
     cmd += ["--cs", args.cs] if args.cs else []
     cmd += ["--threads", str(args.threads)] if args.threads else []
@@ -175,6 +175,7 @@ def main() -> None:
     parser.add_argument("--scale-rows", type=int, default=200_000)
     parser.add_argument("--scale-classes", type=int, default=100)
     parser.add_argument("--budget", default="1G", help="--memory-budget of the --scale case")
+    parser.add_argument("--scale-head", default="linear", help="the head (head:recipe) of the --scale case")
     parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress (epochs, grid, timings)")
     args = parser.parse_args()
