@@ -136,7 +136,7 @@ def test_fixed_c_reaches_the_sklearn_optimum():
 def test_tuned_top1_at_least_sklearn_on_three_feature_sets(digits):
     # With the default seed's validation split. Both reach the same optimum at each C (test above),
     # so a different choice of C comes from validation scores one row apart: over seeds 0–2 of these
-    # four sets ours was higher 3 times, lower once (the 200-row mixture, seed 2) and equal 8 times.
+    # four sets ours was higher once, lower once (the 200-row mixture, seed 2) and equal 10 times.
     cases = {"digits-ddpm b2": _digits_case(digits, 2), "digits-ddpm b8": _digits_case(digits, 8),
              "mixture, raw scales": _mixture_case(8, 48, 50, seed=0),
              "40 classes": _mixture_case(40, 64, 20, seed=2)}
