@@ -164,7 +164,7 @@ class StreamedRows(RowSource):
         blocks = ((lo, hi, self._read(lo, hi)) for lo, hi in wanted)
         for lo, hi, block in prefetch(blocks, name="diffeat-probe-read"):
             r = rows[np.searchsorted(rows, lo):np.searchsorted(rows, hi)]
-            yield r, block[r - lo]
+            yield r, block if len(r) == hi - lo else block[r - lo]  # every row wanted: no copy
 
     def blocks(self, rows: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         yield from self._selected(rows, list(range(len(self.ranges))))

@@ -270,9 +270,12 @@ class StreamedDesign(Design):
         self.passes = 0
 
     def _blocks(self, rows: np.ndarray) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
+        mean, inv = (t.to(self.device) for t in _flat_stats(self.standardize, self.source.feature_shape))
         for r, x in self.source.blocks(rows):
-            t = torch.from_numpy(x).to(self.device, non_blocking=True)
-            yield r, self.standardize(t).reshape(len(r), self.d)
+            t = torch.from_numpy(x.reshape(len(r), self.d)).to(self.device, non_blocking=True)
+            # In place: both row sources yield a fresh array per block, and a second block-sized
+            # tensor per block is what pushed a streamed fit past its memory budget.
+            yield r, t.sub_(mean).mul_(inv)
 
     def evaluate(self, theta: Params) -> None:
         """One pass at ``theta``: mean cross-entropy, its gradient, and the extra rows' logits."""
@@ -284,20 +287,23 @@ class StreamedDesign(Design):
         union = np.union1d(self.rows, self.extra) if len(self.extra) else self.rows
         for r, x in self._blocks(union):
             z = torch.addmm(theta.b, x, theta.w)
+            fit = None  # rows of the block in the fitted set (None: all of them)
             if extra_out is not None:
                 in_extra = np.isin(r, self.extra, assume_unique=True)
                 if in_extra.any():
                     pos = np.searchsorted(self.extra, r[in_extra])
                     extra_out[torch.from_numpy(pos).to(self.device)] = z[torch.from_numpy(in_extra).to(self.device)]
-                    keep = torch.from_numpy(~in_extra).to(self.device)
-                    z, x, r = z[keep], x[keep], r[~in_extra]
-            if len(r) == 0:
-                continue
+                    fit = torch.from_numpy(~in_extra).to(self.device)
             y = torch.from_numpy(self.labels[r]).to(self.device)
             z_y = z.gather(1, y[:, None])[:, 0].double()
             lse, total = _lse_in_place(z)  # z now holds exp(z - max)
-            loss += float((lse - z_y).sum())
             g_rows = _gradient_rows(z, total, y, self.n)
+            if fit is not None:
+                # The extra rows stay in the product with zero weight: no copy of the block without them.
+                loss += float((lse - z_y)[fit].sum())
+                g_rows.mul_(fit[:, None])
+            else:
+                loss += float((lse - z_y).sum())
             gw.addmm_(x.T, g_rows)
             gb += g_rows.sum(0)
         self.loss = loss / self.n
