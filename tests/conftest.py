@@ -33,6 +33,15 @@ def tiny_model_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def pipeline_dirs(tmp_path_factory) -> dict[str, Path]:
+    """Tiny real pipeline folders of every model family (tests/tiny_pipelines.py), built once per session."""
+    from tiny_pipelines import BUILDERS
+
+    root = tmp_path_factory.mktemp("pipelines")
+    return {name: build(root / name) for name, build in BUILDERS.items()}
+
+
 @pytest.fixture
 def store_path(tmp_path) -> str:
     return str(tmp_path / "feats.zarr")

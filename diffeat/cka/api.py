@@ -235,10 +235,13 @@ def run_cka(config: CkaConfig, *, store: FeatureStore | None = None) -> CKAResul
     """
     from diffeat.cka.output import write_outputs
     from diffeat.runtime.cluster import cluster_client
+    from diffeat.runtime.threads import compute_threads
     from diffeat.store import as_store
 
     c = config
     fs = as_store(store if store is not None else c.store, mode="r", storage_options=c.storage_options)
+    if c.split is None:
+        c = c.replace(split=fs.test_split(c.dataset))
     rows = open_specs(fs, c.dataset, c.split, c.rows(), c.model)
     cols = rows if c.cols() is None else open_specs(fs, c.dataset, c.split, c.cols(), c.model)
     scheduler, workers = c.scheduler, c.workers
@@ -250,7 +253,7 @@ def run_cka(config: CkaConfig, *, store: FeatureStore | None = None) -> CKAResul
             logger.warning("%s runs in this process: only the exact linear routes (features, gram) use "
                            "--scheduler/--workers", reason)
             scheduler = workers = None
-    with cluster_client(scheduler, workers) as client:
+    with cluster_client(scheduler, workers) as client, compute_threads(c.threads):
         result = cka_matrix(rows, cols, kernel=c.kernel, estimator=c.estimator, route=c.route,
                             rbf_threshold=c.rbf_threshold, batch_size=c.batch_size, passes=c.passes, seed=c.seed,
                             precision=c.precision, memory_budget=c.memory_budget, subsample=c.subsample,

@@ -27,7 +27,7 @@ class CkaConfig(StageConfig):
     store: str
     dataset: str
     storage_options: dict | None = field(default=None, hash=False, metadata={"secret": True})
-    split: str = "test"
+    split: str | None = None  # None: the test split of the dataset's standard pair among the stored splits
     model: str | None = None
     a: tuple[str, ...] = ()
     b: tuple[str, ...] = ()
@@ -46,6 +46,7 @@ class CkaConfig(StageConfig):
     seed: int = 0
     rbf_threshold: float = 1.0
     subsample: int | None = None
+    threads: int | None = None
     scheduler: str | None = None
     workers: int | None = None
     out: str | None = None
@@ -76,6 +77,8 @@ class CkaConfig(StageConfig):
             check_at_least(self.block_rows, 1, "--block-rows", what="an integer")
         if self.memory_budget is not None:
             memory_budget(self.memory_budget)
+        if self.threads is not None:
+            check_at_least(self.threads, 1, "--threads", what="an integer")
         check_cluster_options(self.scheduler, self.workers)
         if not self.rows():
             raise DiffeatError("give the settings to compare: --a (and --b), or --block/--t/--pool, or --name")

@@ -60,11 +60,12 @@ def write_outputs(result: CKAResult, out: str | Path, *, stem: str = "cka", titl
     col_ticks, col_title = axis_labels(result.col_labels, result.settings)
     cfg = result.config
     where = f"{cfg['dataset']}/{cfg['split']}, " if cfg.get("dataset") else ""
+    models = f"{' vs '.join(result.models)}: " if result.models else ""
     heatmap(result.matrix, row_ticks, col_ticks, paths["png"], vmin=0.0, vmax=1.0,
-            title=title or f"{result.kernel} CKA ({result.estimator}), {where}n={result.n}",
+            title=title or f"{models}{result.kernel} CKA ({result.estimator}), {where}n={result.n}",
             cbar_label="CKA", xlabel=col_title, ylabel=row_title)
     record = result.record()
     record["files"] = {k: p.name for k, p in paths.items()}
     paths["json"].write_text(json.dumps(record, indent=2, default=str) + "\n")
-    logger.info("wrote %s.{csv,npy,png,json} in %s", stem, out)
+    logger.debug("wrote %s.{csv,npy,png,json} in %s", stem, out)
     return {k: str(p) for k, p in paths.items()}

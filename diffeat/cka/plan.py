@@ -159,7 +159,7 @@ def make_plan(*, n: int, dims: Sequence[int], itemsize: int, chunk_rows: int, ma
             raise DiffeatError(f"--batch-size must be at least 4 for minibatch CKA, got {batch}")
         per_batch = count * batch * batch * 8 * 2 + batch * float(dims_a.sum()) * cbytes
         partition_rows = int(max(batch, (0.5 * budget - per_batch) // max(1.0, float(dims_a.sum()) * itemsize)))
-    logger.info("CKA plan: %s (%s); features %s", route, reason, "in memory" if in_memory else "streamed")
+    logger.debug("CKA plan: %s (%s); features %s", route, reason, "in memory" if in_memory else "streamed")
     estimate = {"features": time_f, "gram": time_g}.get(route, 0.0)
     if estimate > 3600:
         logger.warning("exact CKA is estimated at %.1f h on this machine; --route minibatch is much cheaper",

@@ -34,6 +34,11 @@ class CKAResult:
         return float(self.matrix[0, 0])
 
     @property
+    def models(self) -> list[str]:
+        """The models whose features were compared (from the settings' provenance)."""
+        return sorted({str(s["model"]) for s in self.settings if s.get("model")})
+
+    @property
     def square(self) -> bool:
         """True when rows and columns are the same settings."""
         return self.row_labels == self.col_labels

@@ -21,9 +21,11 @@ def _size(value: str | None) -> tuple[int, int] | None:
 
 @click.command()
 @click.option("--arch", default="adm256", show_default=True,
-              help="Architecture built with random weights (cost is the checkpoint's): adm256, mini-adm, tiny ...")
+              help="Architecture built with random weights (cost is the checkpoint's): adm256, sd15-unet (512 px), "
+              "dit-xl2 (256 px), tiny ... (docs/models.md#random-architectures)")
 @click.option("--model", help="A real model instead of --arch: diffusers folder, built-in name or cached hub id.")
-@click.option("--block", type=int, help="Block, 1-based as in the paper [default: 24, or the middle block].")
+@click.option("--block", type=int, help="Block, 1-based as in the paper (transformers: 0..depth) [default: 24 on "
+              "ADM-sized U-Nets, else the middle block, or transformer block depth/2].")
 @click.option("--t", "t", default=90, show_default=True, type=int, help="Diffusion timestep.")
 @click.option("--batch-size", default="auto", show_default=True, type=BATCH_SIZE,
               help="Images per batch, or auto (largest power of two that fits GPU memory; 32 on CPU).")
@@ -73,15 +75,17 @@ def format_result(r: dict) -> str:
         f"{r['model']} block {r['block']} ({r['module']}, {shape}) t={r['t']} at {r['resolution']} px on {r['device']}",
         (f"dtype {r['dtype']}, batch {r['batch_size']} (micro {r['micro_batch']}), compiled {r['compiled']}, "
          f"torch {r['torch']}, {r['threads']} threads"),
-        f"FLOPs: {r['gflop_per_image']:.2f} GFLOP/img truncated, {r['gflop_per_image_full']:.2f} full forward",
+        (f"FLOPs: {r['gflop_per_image']:.2f} GFLOP/img truncated, {r['gflop_per_image_full']:.2f} full forward"
+         + (f", {r['gflop_per_image_vae']:.2f} VAE encoder (in the loop only)" if r["gflop_per_image_vae"] else "")),
         "",
-        f"{'':28s}{'img/s':>10s}{'TFLOP/s':>10s}",
-        f"{'forward (truncated)':28s}{r['forward']['images_per_s']:>10.1f}{r['achieved_tflops']:>10.3f}{peak}",
-        f"{'whole extract loop':28s}{loop['images_per_s']:>10.1f}{r['loop_tflops']:>10.3f}",
-        (f"{'naive (full fp32 + hook)':28s}{r['naive']['images_per_s']:>10.1f}{r['naive_tflops']:>10.3f}"
-         f"   (batch {r['naive']['batch_size']})"),
+        f"{'':28s}{'img/s':>10s}{'best':>10s}{'CPU ms/img':>12s}{'TFLOP/s':>10s}",
+        _phase("forward (truncated)", r["forward"], r["achieved_tflops"]) + peak,
+        _phase("whole extract loop", loop, r["loop_tflops"]),
+        _phase("naive (full fp32 + hook)", r["naive"], r["naive_tflops"]) + f"   (batch {r['naive']['batch_size']})",
+        "(img/s: median call, or median loop round; best: fastest; phases alternated, see docs/performance.md)",
         "",
-        (f"loop / forward {ratios['loop_over_forward']:.2f}   forward / naive {ratios['forward_over_naive']:.2f}   "
+        (f"loop / forward {ratios['loop_over_forward']:.2f} (CPU {ratios['loop_over_forward_cpu']:.2f})   "
+         f"forward / naive {ratios['forward_over_naive']:.2f} (CPU {ratios['forward_over_naive_cpu']:.2f})   "
          f"loop / naive {ratios['loop_over_naive']:.2f}"),
         (f"loop: {r['images']} JPEGs {r['image_size'][0]}x{r['image_size'][1]}, {loop['num_workers']} workers; "
          f"end to end {loop['images_per_s_end_to_end']:.1f} img/s ({loop['seconds_end_to_end']:.1f} s with model "
@@ -99,3 +103,8 @@ def format_result(r: dict) -> str:
             mem = f"  {row['peak_memory_mib']:.0f} MiB" if row.get("peak_memory_mib") else ""
             lines.append(f"  {row['step']:40s}{row['images_per_s']:>10.1f}  x{row['images_per_s'] / base:.2f}{mem}")
     return "\n".join(lines)
+
+
+def _phase(name: str, p: dict, tflops: float) -> str:
+    return (f"{name:28s}{p['images_per_s']:>10.1f}{p['images_per_s_best']:>10.1f}{1000 * p['cpu_s_per_image']:>12.2f}"
+            f"{tflops:>10.3f}")

@@ -17,7 +17,8 @@ from diffeat.cli.options import (
 @click.option("--store", required=True, help="Feature store: a path or fsspec URL (opened read-only).")
 @click.option("--storage-options", type=JSON_OBJECT, help=STORAGE_OPTIONS_HELP)
 @click.option("--dataset", required=True, help="Dataset whose features to compare.")
-@click.option("--split", default="test", show_default=True, help="Split whose features to compare.")
+@click.option("--split", help="Split whose features to compare [default: the only split stored, or the test split of the standard "
+              "pair among the stored splits].")
 @click.option("--model", help="Model of the extracted settings (needed when the store holds several).")
 @click.option("--a", "a", multiple=True, metavar="SETTING",
               help="Row setting(s): block=24,t=90,pool=1 or an import name (name=resnet50). Repeatable.")
@@ -52,6 +53,7 @@ from diffeat.cli.options import (
               "only; minibatch and RBF run here.")
 @click.option("--workers", type=int, metavar="N",
               help="Compute on a local dask cluster of N worker processes (1 thread each), started for this run.")
+@click.option("--threads", type=int, help="CPU threads for torch and BLAS [default: one less than the CPUs, 1 in a dask worker].")
 @click.option("--out", type=click.Path(file_okay=False), help="Write cka.csv, cka.npy, cka.png and cka.json here.")
 @click.option("--title", help="Title of the heatmap (default: from the settings).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document instead of text.")
@@ -80,8 +82,9 @@ def cka(as_json, **options):
         doc = result.pair_json() if pair else result.matrix_json()
         echo_json({**doc, "files": result.files} if result.files else doc)
         return
+    models = f"{' vs '.join(result.models)}: " if result.models else ""
     if pair:
-        click.echo(f"CKA({result.row_labels[0]}, {result.col_labels[0]}) = {result.value:.4f}  "
+        click.echo(f"{models}CKA({result.row_labels[0]}, {result.col_labels[0]}) = {result.value:.4f}  "
                    f"[{result.kernel}, {result.estimator}, n={result.n}, route {result.route}, "
                    f"{result.seconds:.1f} s]")
     else:
@@ -93,7 +96,8 @@ def cka(as_json, **options):
 def _print_matrix(result) -> None:
     """The matrix as a text table (wide matrices: just the shape; the CSV has the values)."""
     m = result.matrix
-    click.echo(f"{result.kernel} CKA ({result.estimator}), n={result.n}, route {result.route}, "
+    models = f"{' vs '.join(result.models)}: " if result.models else ""
+    click.echo(f"{models}{result.kernel} CKA ({result.estimator}), n={result.n}, route {result.route}, "
                f"{m.shape[0]}×{m.shape[1]} in {result.seconds:.1f} s")
     if m.shape[1] > 12:
         return

@@ -21,15 +21,18 @@ def demo(out, model, force, threads):
     heatmap), OUT/cka.png (CKA between blocks) and OUT/results.csv. Takes about
     two minutes on a laptop CPU; a re-run reuses the cached features and results.
     """
-    import torch
+    import logging
 
     from diffeat.cli.run import describe
     from diffeat.pipelines.demo import run_demo
 
     if threads < 1:
         raise click.BadParameter("must be at least 1", param_hint="--threads")
-    torch.set_num_threads(threads)
-    result = run_demo(out, model=model, force=force, on_stage=lambda o: click.echo(describe(o)))
+    if not click.get_current_context().find_root().params.get("verbose"):
+        # The stage lines below say what happens; per-setting log lines (-v) would bury the result.
+        logging.getLogger("diffeat").setLevel(logging.WARNING)
+    result = run_demo(out, model=model, force=force, overrides={"threads": threads},
+                      on_stage=lambda o: click.echo(describe(o)))
     best = result.best
     click.echo(f"best: block {best['block']}, t {best['t']}: {100 * best['test']:.1f}% test top-1 "
                f"({best['model']}, linear probe, pool {best['pool']})")

@@ -1,4 +1,4 @@
-"""``diffeat extract``: images -> frozen U-Net -> pooled block features -> feature store."""
+"""``diffeat extract``: images -> frozen diffusion model -> pooled block features -> feature store."""
 
 from __future__ import annotations
 
@@ -17,10 +17,12 @@ from diffeat.cli.options import (
 @click.option("--dataset", required=True, help="Dataset layout: cub, nabirds, flowers, aircraft, cars, dogs, "
               "imagefolder, imagenet, digits (built in).")
 @click.option("--root", type=click.Path(file_okay=False), help="Dataset root folder (not needed for digits).")
-@click.option("--model", required=True, help="diffusers folder, built-in name, random:<arch>, or a cached hub id.")
-@click.option("--block", "blocks", multiple=True, required=True, help="Block number(s), 1-based as in the paper "
-              "(repeat, or 19,24, or 20-30).")
-@click.option("--t", "ts", multiple=True, required=True, help="Diffusion timestep(s) 0..999 (repeat or comma list).")
+@click.option("--model", required=True, help="diffusers U-Net or pipeline folder (any family: pixel or latent "
+              "U-Net, DiT, PixArt, SD3), built-in name, random:<arch>, or a cached hub id. Never downloads.")
+@click.option("--block", "blocks", multiple=True, required=True, help="Block number(s), 1-based as in the paper; "
+              "transformers 0 (patch embedding) .. depth (repeat, or 19,24, or 20-30; `diffeat blocks` lists them).")
+@click.option("--t", "ts", multiple=True, required=True, help="The model's training timestep(s) 0..999, noised "
+              "with its own schedule (repeat or comma list).")
 @click.option("--pool", "pools", multiple=True, default=("1",), show_default=True,
               help="Adaptive average pool size(s) k (features are C x k x k).")
 @click.option("--store", required=True, help="Feature store: a path or fsspec URL (s3://bucket/prefix).")
@@ -29,7 +31,8 @@ from diffeat.cli.options import (
               "train and test splits; 'all' for every split).")
 @click.option("--classes", type=click.Path(dir_okay=False, exists=True), help="imagenet only: file of wnids to keep.")
 @click.option("--limit", type=int, help="Only the first N samples of each split (a dry run).")
-@click.option("--resolution", type=int, help="Input resolution (default: the model's sample size).")
+@click.option("--resolution", type=int, help="Input resolution in pixels (default: the model's; latent models: "
+              "the denoiser's latent size x the VAE's factor, e.g. 512 for SD-1.5).")
 @click.option("--batch-size", default="auto", show_default=True, type=BATCH_SIZE,
               help="Images per batch, or auto: the largest power of two that fits GPU memory (32 on CPU).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1 ...")

@@ -9,11 +9,13 @@ from diffeat.cli.options import JSON_OBJECT, STORAGE_OPTIONS_HELP, echo_json
 
 @click.command("import")
 @click.argument("source")
-@click.option("--store", required=True, help="Feature store: a path or fsspec URL (must already hold the "
-              "dataset split's sample table, i.e. something was extracted for it).")
+@click.option("--store", required=True, help="Feature store: a path or fsspec URL.")
 @click.option("--storage-options", type=JSON_OBJECT, help=STORAGE_OPTIONS_HELP)
 @click.option("--dataset", required=True, help="Dataset the features belong to.")
 @click.option("--split", required=True, help="Split the features belong to.")
+@click.option("--root", type=click.Path(file_okay=False), help="The dataset's root: when nothing was extracted for "
+              "the split yet, its sample table is read from there (not needed for digits).")
+@click.option("--classes", type=click.Path(dir_okay=False, exists=True), help="imagenet only: file of wnids to keep.")
 @click.option("--name", required=True, help="Name of the imported set (letters, digits, '.', '_', '-').")
 @click.option("--model", "model", default="external", show_default=True,
               help="What produced the features (recorded; part of the store path).")
@@ -23,13 +25,18 @@ from diffeat.cli.options import JSON_OBJECT, STORAGE_OPTIONS_HELP, echo_json
 @click.option("--store-dtype", type=click.Choice(["float16", "float32"]), default="float16", show_default=True)
 @click.option("--overwrite", is_flag=True, help="Replace an existing import of that name with different contents.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
-def import_features(source, store, storage_options, dataset, split, name, model, ids_file, store_dtype, overwrite,
-                    as_json):
+def import_features(source, store, storage_options, dataset, split, root, classes, name, model, ids_file,
+                    store_dtype, overwrite, as_json):
     """Import SOURCE (.npy of shape (N, D) or (N, C, k, k), or a zarr array path/URL) as features NAME.
 
+    Rows must be in the split's sample-table order (`diffeat ids` prints it), or come
+    with --ids. The store needs the split's sample table: from an extraction, or read
+    from the dataset with --root.
+
     \b
-    Example:
+    Examples:
       diffeat import --store feats.zarr --dataset cub --split test --name resnet50 features.npy
+      diffeat import --store feats.zarr --dataset cub --root /data/CUB_200_2011 --split test --name r50 r50.npy
     """
     from diffeat.store import open_store
     from diffeat.store.imports import import_features as run_import
@@ -41,7 +48,7 @@ def import_features(source, store, storage_options, dataset, split, name, model,
             ids = [line.strip() for line in f if line.strip()]
     fs = open_store(store, mode="a", storage_options=storage_options)
     result = run_import(fs, dataset, split, name, array, attrs=described, ids=ids, model=model,
-                        store_dtype=store_dtype, overwrite=overwrite)
+                        store_dtype=store_dtype, overwrite=overwrite, root=root, classes=classes)
     info = result.info
     if as_json:
         echo_json({"name": info.name, "model": info.model, "dataset": info.dataset, "split": info.split,

@@ -52,8 +52,9 @@ def _floats(values: tuple[str, ...], option: str) -> list[float] | None:
 @click.option("--recipe", type=click.Choice(RECIPES), default="lbfgs", show_default=True,
               help="How the linear head is trained: lbfgs (full-batch L-BFGS logistic regression, C chosen on "
               "validation along a warm-started path, refit) or paper (the one-pass SGD grid over lr x wd).")
-@click.option("--train-split", default="train", show_default=True)
-@click.option("--test-split", default="test", show_default=True)
+@click.option("--train-split", help="Split to train on [default: the dataset's standard pair among the stored "
+              "splits: train/test, trainval/test for flowers and aircraft, train/val for imagenet ...].")
+@click.option("--test-split", help="Split to test on [default: as --train-split].")
 @click.option("--val-fraction", default=0.1, show_default=True, type=float,
               help="Fraction of each class of the train split held out to choose hyperparameters.")
 @click.option("--lr", "lrs", multiple=True, help="Learning rates of the grid (default: per head, see docs).")
@@ -80,10 +81,13 @@ def _floats(values: tuple[str, ...], option: str) -> list[float] | None:
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--memory-budget", help="RAM a split may take before it is streamed from the store, e.g. 8G "
               "[default: 60% of available memory].")
+@click.option("--threads", type=int, help="CPU threads for torch and BLAS [default: one less than the CPUs, 1 in a dask worker].")
 @click.option("--seed", default=0, show_default=True, type=int)
 @click.option("--out", default="results", show_default=True, type=click.Path(file_okay=False),
               help="Results directory (a run folder with results.csv, run.json and heads/ is created in it).")
 @click.option("--save-weights/--no-save-weights", default=True, show_default=True)
+@click.option("--progress/--no-progress", default=None, help="A progress bar per setting (default: on a "
+              "terminal; a log line every 30 s otherwise).")
 @click.option("--json", "as_json", is_flag=True, help="Print one JSON document (a list of results) instead of text.")
 def probe(as_json, linear_bn, mlp_hidden, cnn_width, cnn_depth, attn_dim, attn_depth, attn_heads, **options):
     """Train heads on cached features; choose hyperparameters on validation; test once.
@@ -97,11 +101,6 @@ def probe(as_json, linear_bn, mlp_hidden, cnn_width, cnn_depth, attn_dim, attn_d
       diffeat probe --store feats.zarr --dataset cub --block 24 --t 90 --pool 4 --head attention --device cuda
       diffeat probe --store feats.zarr --dataset cub --block 24 --t 90 --head linear --head mlp --head knn --json
     """
-    import os
-
-    # Before torch loads OpenMP: idle threads sleep instead of spinning. On a loaded 2-core machine
-    # spinning threads made a digits probe 20x slower (76 s vs 3.6 s); big matmuls do not notice.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from diffeat.probe import ProbeConfig, run_probe
 
     options["heads"] = list(options["heads"]) or ["linear"]
@@ -132,16 +131,16 @@ def probe(as_json, linear_bn, mlp_hidden, cnn_width, cnn_depth, attn_dim, attn_d
 
 def _print_table(report) -> None:
     """A short fixed-width table: one line per (setting, head)."""
-    rows = [("setting", "head", "top1", "top5", "val_top1", "chosen", "seconds")]
+    rows = [("model", "setting", "head", "top1", "top5", "val_top1", "chosen", "seconds")]
     for r in report.results:
         setting = r.name or f"b{r.block}/t{r.t}/p{r.pool}"
         hp = r.hparams
         chosen = (f"lr={hp['lr']:g} wd={hp['wd']:g}" if "lr" in hp else f"C={hp['C']:g}" if "C" in hp
                   else f"k={hp.get('k')}")
-        rows.append((setting, r.head, f"{100 * r.test['top1']:.2f}", f"{100 * r.test['top5']:.2f}",
+        rows.append((str(r.model), setting, r.head, f"{100 * r.test['top1']:.2f}", f"{100 * r.test['top5']:.2f}",
                      f"{100 * r.val['top1']:.2f}", chosen, f"{r.seconds:.1f}"))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     for row in rows:
-        click.echo("  ".join(cell.ljust(w) if i < 2 or i == 5 else cell.rjust(w)
+        click.echo("  ".join(cell.ljust(w) if i < 3 or i == 6 else cell.rjust(w)
                              for i, (cell, w) in enumerate(zip(row, widths))).rstrip())
     click.echo(f"accuracies in %; results in {report.run_dir}")

@@ -9,6 +9,7 @@ missing at once with the expected tree; parsing happens when a split is asked fo
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -49,12 +50,18 @@ class DatasetLayout:
     def __repr__(self) -> str:
         return f"{type(self).__name__}(root={str(self.root) if self.root else None!r})"
 
+    @classmethod
+    def standard_pair(cls, splits: Sequence[str]) -> tuple[str, str] | None:
+        """The (train, test) pair of this layout among ``splits`` (those a folder or a store holds), or None."""
+        train, test = cls.standard_splits
+        return (train, test) if train in splits and test in splits else None
+
     def samples(self, split: str) -> SampleTable:
         """The sample table of ``split``; an unknown split raises :class:`DatasetError` listing the valid ones."""
         check_choice(split, self.splits, f"{self.name} split", error=DatasetError)
         if split not in self._tables:
             table = self._read(split)
-            logger.info("%s/%s: %d samples, %d classes", self.name, split, len(table), len(table.class_names))
+            logger.debug("%s/%s: %d samples, %d classes", self.name, split, len(table), len(table.class_names))
             self._tables[split] = table
         return self._tables[split]
 

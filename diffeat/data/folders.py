@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from collections.abc import Sequence
 from functools import cached_property
 from pathlib import Path
 
@@ -75,16 +76,22 @@ root/
                                    f"root/SPLIT/CLASS/image (point --root one level higher?). {self.expected()}")
         return splits
 
+    @classmethod
+    def standard_pair(cls, splits: Sequence[str]) -> tuple[str, str] | None:
+        """(train, test) told apart by folder name: train/ or training/; test/, val/, validation/ or eval/."""
+        train = next((s for s in cls.train_names if s in splits), None)
+        test = next((s for s in cls.test_names if s in splits), None)
+        return (train, test) if train is not None and test is not None else None
+
     @property
     def standard_splits(self) -> tuple[str, str]:  # type: ignore[override]
         """(train split, test split) by name; a DatasetError if the folder names do not say which is which."""
-        train = next((s for s in self.train_names if s in self.splits), None)
-        test = next((s for s in self.test_names if s in self.splits), None)
-        if train is None or test is None:
+        pair = self.standard_pair(self.splits)
+        if pair is None:
             raise DatasetError(f"cannot tell the train and test splits of {self.root} apart (splits: "
                                f"{', '.join(self.splits)}): name them train/ and test/ (or val/), or pass the "
                                f"splits explicitly")
-        return train, test
+        return pair
 
     @cached_property
     def _class_names(self) -> tuple[str, ...]:

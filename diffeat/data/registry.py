@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 from diffeat.data.aircraft import Aircraft
@@ -27,6 +28,22 @@ DATASETS: dict[str, type[DatasetLayout]] = {
     "imagenet": ImageNet,
     "digits": Digits,
 }
+
+
+def standard_pair(dataset: str, splits: Sequence[str], where: str = "") -> tuple[str, str]:
+    """The (train, test) splits of ``dataset`` among ``splits``: the one rule extract, probe and CKA share.
+
+    A known layout decides by its own standard pair (trainval/test for flowers and aircraft,
+    train/val for imagenet); an imagefolder, or a dataset the registry does not know (an
+    import), by folder name (train/ vs test/, val/, validation/, eval/).
+    """
+    layout = DATASETS.get(dataset, ImageFolder)
+    pair = layout.standard_pair(list(splits)) or ImageFolder.standard_pair(list(splits))
+    if pair is None:
+        raise DatasetError(f"cannot tell which splits of {dataset}{f' in {where}' if where else ''} to train and test "
+                           f"on (it holds: {', '.join(sorted(splits)) or 'none'}): give --train-split and "
+                           "--test-split (or --split)")
+    return pair
 
 
 def open_dataset(name: str, root: str | Path | None = None, *, classes: str | Path | None = None) -> DatasetLayout:

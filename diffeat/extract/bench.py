@@ -2,24 +2,27 @@
 
 Measured on one device, with the same batch size for all three rates:
 
-* **forward**: the truncated forward alone (``TruncatedUNet`` on a batch already on
-  the device, at the chosen dtype, channels_last on CUDA, compiled if asked), in the
-  micro-batches the extract loop uses;
+* **forward**: the truncated forward alone (the model family's: ``TruncatedUNet``,
+  ``TruncatedTransformer``; on a batch of model inputs already on the device, at the
+  chosen dtype, channels_last on CUDA, compiled if asked), in the micro-batches the
+  extract loop uses;
 * **loop**: the real ``extract()`` over ``images`` JPEG files written to a temporary
-  imagefolder (decode, preprocess, noise in loader workers, forward, pool, write to
-  a temporary zarr store), at steady state: the first batch (worker start-up,
-  compilation) is not counted, everything after it is, up to the last write;
-* **naive**: the full forward in float32 with a forward hook on the block's module
-  and no early exit, no autocast, no compilation (what the paper's code does).
+  imagefolder (decode, preprocess, noise in loader workers, latent models: the VAE on
+  the device, forward, pool, write to a temporary zarr store), at steady state: the
+  first batch (worker start-up, compilation) is not counted, everything after it is,
+  up to the last write;
+* **naive**: the model's own full forward in float32 with a forward hook on the
+  block's module and no early exit, no autocast, no compilation (what the paper's code does).
 
 Plus the counted FLOPs per image of the truncated forward
-(``diffeat.models.flops.count_flops``), the achieved TFLOP/s, the ratios, and,
+(``diffeat.models.flops.count_model_flops``) and of the VAE encoder (latent models; the
+loop pays it, the forward does not), the achieved TFLOP/s, the ratios, and,
 when the dtype is not float32, the per-sample cosine between the block's
 features at that dtype and in float32. Timings use warm-up iterations, device
 synchronisation around each timed iteration, and medians.
 
-A random-weight model (``random:adm256``) costs exactly what the real checkpoint
-costs, so anyone can benchmark without downloading it.
+A random-weight model (``random:adm256``, ``random:sd15-unet``, ``random:dit-xl2``) costs
+exactly what the real checkpoint costs, so anyone can benchmark without downloading it.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -39,6 +43,9 @@ import torch.nn.functional as F
 from diffeat.errors import DiffeatError, ModelError
 from diffeat.runtime.checks import check_choice
 from diffeat.runtime.devices import resolve_device
+
+if TYPE_CHECKING:
+    from diffeat.models.families.base import FeatureModel
 
 logger = logging.getLogger(__name__)
 
@@ -79,26 +86,59 @@ def _sync(dev: torch.device) -> None:
 
 def time_it(fn: Callable[[], object], dev: torch.device, warmup: int, iters: int) -> list[float]:
     """Seconds per call of ``fn`` over ``iters`` calls after ``warmup`` untimed ones (device synchronised)."""
+    return [wall for wall, _ in time_calls(fn, dev, warmup, iters)]
+
+
+def time_calls(fn: Callable[[], object], dev: torch.device, warmup: int, iters: int) -> list[tuple[float, float]]:
+    """``(wall, cpu)`` seconds per call of ``fn`` over ``iters`` calls after ``warmup`` untimed ones.
+
+    CPU time is this process's (all its threads): on a machine other jobs share, it shows
+    the work a call costs where wall time shows how long it waited too.
+    """
     for _ in range(warmup):
         fn()
     _sync(dev)
-    times = []
+    out = []
     for _ in range(iters):
         _sync(dev)
-        start = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         fn()
         _sync(dev)
-        times.append(time.perf_counter() - start)
-    return times
+        out.append((time.perf_counter() - wall, time.process_time() - cpu))
+    return out
 
 
-def _naive_runner(unet: torch.nn.Module, module_name: str, x: torch.Tensor, t: torch.Tensor
+def interleaved(phases: dict[str, tuple[Callable[[], object], Callable[[], None]]], dev: torch.device,
+                warmup: int, iters: int, rounds: int = 3) -> dict[str, list[tuple[float, float]]]:
+    """Time several phases alternately (A, B, A, B ...): ``rounds`` rounds of about ``iters / rounds`` calls each.
+
+    ``phases`` maps a name to ``(call, setup)``; ``setup`` runs before each round of that
+    phase (a memory-format switch, say). Timed one after the other, a phase that happened to
+    run while another job held the cores would look slower than it is; alternated, every
+    phase sees the same machine. Returns ``(wall, cpu)`` per call for each phase.
+    """
+    per_round = max(1, -(-iters // rounds))
+    out: dict[str, list[tuple[float, float]]] = {name: [] for name in phases}
+    for r in range(rounds):
+        for name, (call, setup) in phases.items():
+            setup()
+            out[name] += time_calls(call, dev, warmup if r == 0 else 1, per_round)
+    return out
+
+
+def phase_rates(calls: list[tuple[float, float]], images: int) -> dict:
+    """Images/s at the median and the best call, and CPU seconds per image (median), of one phase."""
+    walls, cpus = [w for w, _ in calls], [c for _, c in calls]
+    return {"images_per_s": images / statistics.median(walls), "images_per_s_best": images / min(walls),
+            "median_batch_s": statistics.median(walls), "min_batch_s": min(walls),
+            "cpu_s_per_image": statistics.median(cpus) / images, "calls": len(calls)}
+
+
+def _naive_runner(model: FeatureModel, module_name: str, x: torch.Tensor, t: torch.Tensor
                   ) -> Callable[[], torch.Tensor]:
-    """The full forward with a forward hook on the block's module (no early exit)."""
-    from diffeat.models.blocks import model_inputs
-
-    module = dict(unet.named_modules())[module_name]
-    inputs = model_inputs(unet, x.shape[0], x.device, x.dtype)
+    """The model's own full forward (with the family's conditioning) and a forward hook on the block's module:
+    no early exit."""
+    module = dict(model.denoiser.named_modules())[module_name]
     captured: list[torch.Tensor] = []
 
     def run() -> torch.Tensor:
@@ -106,7 +146,7 @@ def _naive_runner(unet: torch.nn.Module, module_name: str, x: torch.Tensor, t: t
             lambda _m, _a, out: captured.append(out if torch.is_tensor(out) else out[0]))
         try:
             with torch.inference_mode():
-                unet(x, t, **inputs)
+                model.full_forward(x, t)
         finally:
             handle.remove()
         return captured.pop()
@@ -198,20 +238,17 @@ def bench(
     are then timed with the batch size, micro-batch and CPU thread count the loop
     used, so the ratios compare like with like. Returns a JSON-friendly dict.
     """
-    from diffusers import UNet2DModel
-
     from diffeat.extract.config import COMPUTE_DTYPE_NAMES, check_batch_size
     from diffeat.extract.forward import observe_loop
     from diffeat.extract.run import extract
-    from diffeat.models.blocks import block_table, check_blocks
-    from diffeat.models.loading import ARCHITECTURES, load_model
-    from diffeat.models.noise import check_timestep
+    from diffeat.models.families import random_architectures
+    from diffeat.models.families.base import block_info, check_table_blocks, default_block
+    from diffeat.models.loading import load_model
 
     dev = resolve_device(device)
     cuda = dev.type == "cuda"
     dtype = dtype or ("bfloat16" if cuda else "float32")
     check_choice(dtype, COMPUTE_DTYPE_NAMES, "--dtype")
-    check_timestep(t)
     batch_size = check_batch_size(batch_size)
     for name, value, low in (("--warmup", warmup, 0), ("--iters", iters, 1)):
         if value < low:
@@ -222,21 +259,19 @@ def bench(
     spec = model or f"random:{arch}"
 
     # Options are checked first, on the architecture alone (a random 550M-parameter model takes
-    # ten seconds to build): a bad --block fails at once. extract() then loads its own copy.
+    # ten seconds to build; on the meta device, none): a bad --block fails at once. extract()
+    # then loads its own copy.
     if model is None:
-        check_choice(arch, sorted(ARCHITECTURES), "--arch", error=ModelError)
-        with torch.device("meta"):
-            unet = UNet2DModel(**ARCHITECTURES[arch])
-    else:
-        unet = load_model(model).unet
-    size_ = unet.config.sample_size
-    res = resolution or int(size_[0] if isinstance(size_, (list, tuple)) else size_)
-    table = block_table(unet, res)
+        check_choice(arch, sorted(random_architectures()), "--arch", error=ModelError)
+    shape_only = load_model(spec, device="meta").model
+    shape_only.schedule.check_timestep(t)
+    res = resolution or shape_only.native_resolution
+    table = shape_only.block_table(res)
     if block is None:
-        block = 24 if len(table) >= 24 else next(b.index for b in table if b.module == "mid_block")
-    check_blocks([block], len(table))
-    info = table[block - 1]
-    del unet
+        block = default_block(shape_only, table)
+    check_table_blocks([block], table)
+    info = block_info(table, block)
+    del shape_only
 
     # 1. the whole loop: the real extract() over JPEG files into a zarr store
     if images is None:
@@ -244,27 +279,37 @@ def bench(
     size = image_size or (2 * res, 3 * res // 2)
     with tempfile.TemporaryDirectory(prefix="diffeat-bench-", dir=workdir) as tmp:
         root = write_images(Path(tmp) / "images", images, size)
-        start = time.perf_counter()
-        with observe_loop() as runs:
-            report = extract(dataset="imagefolder", root=str(root), splits=["train"], model=spec, blocks=[block],
-                             ts=[t], pools=[1], store=str(Path(tmp) / "feats.zarr"), batch_size=batch_size,
-                             device=str(dev), dtype=dtype, num_workers=num_workers, resolution=res,
-                             compile=compile, progress=False)
-        wall = time.perf_counter() - start
-    loop = _loop_rates(runs, report, wall)
-    if cuda:
-        torch.cuda.empty_cache()
 
-    # 2. the forward and the naive baseline, as the loop ran: same batch, micro-batch, threads
-    threads = torch.get_num_threads()
-    torch.set_num_threads(loop["threads"])
-    try:
-        timed = _time_forwards(spec, block, info.module, t, res, dtype, dev, loop["batch_size"],
-                               loop["micro_batch"], compile, warmup, iters, ablation)
-    finally:
-        torch.set_num_threads(threads)
+        def loop_round(r: int) -> dict:
+            wall, cpu = time.perf_counter(), _cpu_seconds()
+            with observe_loop() as runs:
+                report = extract(dataset="imagefolder", root=str(root), splits=["train"], model=spec,
+                                 blocks=[block], ts=[t], pools=[1], store=str(Path(tmp) / f"feats{r}.zarr"),
+                                 batch_size=batch_size, device=str(dev), dtype=dtype, num_workers=num_workers,
+                                 resolution=res, compile=compile, progress=False)
+            rates = _loop_rates(runs, report, time.perf_counter() - wall)
+            rates["cpu_s_per_image"] = (_cpu_seconds() - cpu) / max(1, report.images)
+            if cuda:
+                torch.cuda.empty_cache()
+            return rates
+
+        # 1. the whole loop: the real extract() over JPEG files into a zarr store; run again after
+        # 2. (the forward and the naive baseline, alternated), so the loop too is measured on both
+        # sides of the others on a machine whose load changes.
+        loops = [loop_round(0)]
+        threads = torch.get_num_threads()
+        torch.set_num_threads(loops[0]["threads"])  # as the loop ran: same batch, micro-batch, threads
+        try:
+            timed = _time_forwards(spec, block, info.module, t, res, dtype, dev, loops[0]["batch_size"],
+                                   loops[0]["micro_batch"], compile, warmup, iters, ablation)
+        finally:
+            torch.set_num_threads(threads)
+        loops.append(loop_round(1))
+    loop = {**loops[0], "images_per_s": statistics.median(r["images_per_s"] for r in loops),
+            "images_per_s_best": max(r["images_per_s"] for r in loops),
+            "cpu_s_per_image": statistics.median(r["cpu_s_per_image"] for r in loops), "rounds": len(loops)}
     forward, naive = timed["forward"], timed["naive"]
-    flops, flops_full = timed["flops"], timed["flops_full"]
+    flops, flops_full, flops_vae = timed["flops"], timed["flops_full"], timed["flops_vae"]
 
     achieved = flops * forward["images_per_s"] / 1e12
     card_peak = peak if peak is not None else peak_tflops(dev)
@@ -275,6 +320,7 @@ def bench(
         "threads": loop["threads"], "dtype": dtype, "compiled": loop["compiled"],
         "batch_size": loop["batch_size"], "micro_batch": loop["micro_batch"], "images": images,
         "image_size": list(size), "gflop_per_image": flops / 1e9, "gflop_per_image_full": flops_full / 1e9,
+        "gflop_per_image_vae": flops_vae / 1e9, "family": timed["family"],
         "forward": forward, "loop": loop, "naive": naive,
         "achieved_tflops": achieved, "loop_tflops": flops * loop["images_per_s"] / 1e12,
         "naive_tflops": flops_full * naive["images_per_s"] / 1e12,
@@ -283,6 +329,9 @@ def bench(
             "loop_over_forward": loop["images_per_s"] / forward["images_per_s"],
             "forward_over_naive": forward["images_per_s"] / naive["images_per_s"],
             "loop_over_naive": loop["images_per_s"] / naive["images_per_s"],
+            # CPU seconds per image: what each costs whatever else the machine ran meanwhile
+            "loop_over_forward_cpu": forward["cpu_s_per_image"] / loop["cpu_s_per_image"],
+            "forward_over_naive_cpu": naive["cpu_s_per_image"] / forward["cpu_s_per_image"],
         },
         "cosine": timed["cosine"], "ablation": timed["ablation"],
     }
@@ -292,17 +341,19 @@ def _time_forwards(spec: str, block: int, module_name: str, t: int, res: int, dt
                    batch_size: int, micro: int, compile: bool, warmup: int, iters: int, ablation: bool) -> dict:
     """Forward-only and naive images/s (and FLOPs, the dtype-vs-fp32 cosine, the optional ablation)."""
     from diffeat.extract.forward import COMPUTE_DTYPES, prepare_forward
-    from diffeat.models.flops import count_flops
+    from diffeat.models.flops import count_model_flops, count_vae_flops
     from diffeat.models.loading import load_model
-    from diffeat.models.truncated import TruncatedUNet
 
     cuda = dev.type == "cuda"
-    unet = load_model(spec).unet
-    flops, flops_full = count_flops(unet, res, block), count_flops(unet, res, None)
-    prepared = prepare_forward(unet, [block], dev, dtype, compile)
+    # Random weights are built on the device itself: SD-1.5's 860M parameters take ~10 s on a CPU.
+    model = load_model(spec, device=str(dev) if spec.startswith("random:") else "cpu").model
+    unet = model.denoiser
+    flops, flops_full = count_model_flops(model, res, block), count_model_flops(model, res, None)
+    flops_vae = count_vae_flops(model, res)
+    prepared = prepare_forward(model, [block], dev, dtype, compile)
     rows = -(-batch_size // micro) * micro  # whole micro-batches, as the loop runs them (it pads the last)
     autocast = torch.autocast(dev.type, dtype=COMPUTE_DTYPES[dtype], enabled=dtype != "float32")
-    x = torch.randn(rows, unet.config.in_channels, res, res, generator=torch.Generator().manual_seed(0)).to(dev)
+    x = torch.randn(rows, *model.input_shape(res), generator=torch.Generator().manual_seed(0)).to(dev)
     if cuda:
         x = x.contiguous(memory_format=torch.channels_last)
     tt = torch.full((rows,), t, device=dev, dtype=torch.long)
@@ -317,36 +368,64 @@ def _time_forwards(spec: str, block: int, module_name: str, t: int, res: int, dt
     start = time.perf_counter()
     _micro_runner(prepared.call, x[:micro], tt[:micro], micro, autocast)()  # compiles, when compiled
     first_call = time.perf_counter() - start
-    times = time_it(_micro_runner(prepared.call, x, tt, micro, autocast), dev, warmup, iters)
-    forward = {"images_per_s": rows / statistics.median(times), "median_batch_s": statistics.median(times),
-               "first_call_s": first_call, "peak_memory_mib": peak_mib()}
     cosine = _cosines(prepared.fwd, x, tt, block, micro, dtype, dev) if dtype != "float32" else None
 
     # The naive baseline: full fp32 forward, a hook, no early exit, no autocast, default memory format.
-    unet.to(memory_format=torch.contiguous_format)
-    naive_batch, naive = batch_size, None
-    while naive is None:
-        xn = x[:naive_batch].contiguous()
+    # The full fp32 forward keeps every skip: it may not fit the forward's batch.
+    naive_batch = _naive_batch(model, module_name, x, tt, batch_size, dev)
+    xn = x[:naive_batch].contiguous()
+
+    def as_forward() -> None:
+        unet.to(memory_format=torch.channels_last if cuda else torch.contiguous_format)
+
+    def as_naive() -> None:
+        unet.to(memory_format=torch.contiguous_format)
+
+    phases = {"forward": (_micro_runner(prepared.call, x, tt, micro, autocast), as_forward),
+              "naive": (_naive_runner(model, module_name, xn, tt[:naive_batch]), as_naive)}
+    peaks = {}
+    for name, (call, setup) in phases.items():  # each phase's own peak memory, before the timed rounds
+        setup()
         if cuda:
-            torch.cuda.empty_cache()
             torch.cuda.reset_peak_memory_stats(dev)
-        try:
-            times = time_it(_naive_runner(unet, module_name, xn, tt[:naive_batch]), dev, warmup, iters)
-            naive = {"images_per_s": naive_batch / statistics.median(times),
-                     "median_batch_s": statistics.median(times), "batch_size": naive_batch,
-                     "peak_memory_mib": peak_mib()}
-        except torch.OutOfMemoryError:
-            if naive_batch == 1:
-                raise
-            naive_batch //= 2  # the full fp32 forward keeps every skip: it may not fit the same batch
-        finally:
-            del xn
+        call()
+        peaks[name] = peak_mib()
+    calls = interleaved(phases, dev, warmup, iters)
+    forward = {**phase_rates(calls["forward"], rows), "first_call_s": first_call, "peak_memory_mib": peaks["forward"]}
+    naive = {**phase_rates(calls["naive"], naive_batch), "batch_size": naive_batch,
+             "peak_memory_mib": peaks["naive"]}
+    as_forward()
+    del xn
     steps = None
     if ablation:
-        steps = _ablation(unet, block, x, tt, micro, dtype, dev, warmup, iters, naive, forward,
-                          prepared.compiled, TruncatedUNet)
+        steps = _ablation(model, block, x, tt, micro, dtype, dev, warmup, iters, naive, forward, prepared.compiled)
     return {"forward": forward, "naive": naive, "cosine": cosine, "ablation": steps, "flops": flops,
-            "flops_full": flops_full}
+            "flops_full": flops_full, "flops_vae": flops_vae, "family": model.family}
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds used so far by this process and its finished children (loader workers)."""
+    import resource
+
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return time.process_time() + children.ru_utime + children.ru_stime
+
+
+def _naive_batch(model: FeatureModel, module_name: str, x: torch.Tensor, tt: torch.Tensor, batch_size: int,
+                 dev: torch.device) -> int:
+    """The largest batch (halving from ``batch_size``) the naive full fp32 forward runs at on ``dev``."""
+    if dev.type != "cuda":
+        return batch_size
+    batch = batch_size
+    while True:
+        torch.cuda.empty_cache()
+        try:
+            _naive_runner(model, module_name, x[:batch].contiguous(), tt[:batch])()
+            return batch
+        except torch.OutOfMemoryError:
+            if batch == 1:
+                raise
+            batch //= 2
 
 
 def _loop_rates(runs: list, report, wall: float) -> dict:
@@ -369,14 +448,15 @@ def _loop_rates(runs: list, report, wall: float) -> dict:
             "compiled": first.compiled}
 
 
-def _ablation(unet, block, x, tt, micro, dtype, dev, warmup, iters, naive, forward, compiled,
-              truncated_cls) -> list[dict]:
+def _ablation(model: FeatureModel, block, x, tt, micro, dtype, dev, warmup, iters, naive, forward, compiled
+              ) -> list[dict]:
     """Forward-only images/s as each optimisation is added (the last row is the measured forward)."""
     from diffeat.extract.forward import COMPUTE_DTYPES
 
     cuda = dev.type == "cuda"
+    unet = model.denoiser
     rows = [{"step": "naive: full forward, fp32, hook", **_row(naive)}]
-    fwd = truncated_cls(unet, [block])
+    fwd = model.feature_forward([block]).to(dev)
     off = torch.autocast(dev.type, enabled=False)
     on = torch.autocast(dev.type, dtype=COMPUTE_DTYPES[dtype], enabled=dtype != "float32")
     xc = x.contiguous()

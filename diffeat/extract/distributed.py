@@ -95,6 +95,12 @@ def _work_for(job: SplitJob) -> tuple[SplitWork, bool]:
     if loaded.weights_sha256 != job.weights_sha256:
         raise DiffeatError(f"worker {platform.node()}: model {c.model} has other weights than the coordinator's "
                            f"({loaded.weights_sha256[:12]} != {job.weights_sha256[:12]})")
+    # Latent models: the VAE, text encoders and scheduler config the worker read must be the coordinator's too.
+    expected = job.settings[0].attrs["settings"].get("family", {}) if job.settings else {}
+    if loaded.model.identity(job.res) != expected:
+        raise DiffeatError(f"worker {platform.node()}: model {c.model} differs from the coordinator's in its VAE, "
+                           "conditioning or schedule (the pipeline folder's other components): workers must see "
+                           "the same files")
     fs = open_store(c.store, mode="a", storage_options=c.storage_options)
     writers = {s.key: SettingWriter.open(fs, s.path, s.shape, c.store_dtype, s.attrs, s.label,
                                          chunk_rows=c.chunk_rows) for s in job.settings}
@@ -102,7 +108,7 @@ def _work_for(job: SplitJob) -> tuple[SplitWork, bool]:
     # Dask workers are daemonic processes, which may not start loader processes of their own.
     num_workers = 0 if multiprocessing.current_process().daemon else (
         c.num_workers if c.num_workers is not None else default_workers(dev))
-    work = SplitWork(c, loaded.unet, tab, writers, job.res, dev, num_workers, ForwardCache(), progress=False)
+    work = SplitWork(c, loaded.model, tab, writers, job.res, dev, num_workers, ForwardCache(), progress=False)
     _WORKER_CACHE[key] = work
     return work, True
 

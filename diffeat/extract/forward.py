@@ -5,9 +5,12 @@ is responsible for; ``diffeat.extract.run`` decides which rows and settings thos
 
 What keeps the loop fast (docs/performance.md has the measurements):
 
-* the forward is ``TruncatedUNet`` (``diffeat.models.truncated``): built once per
-  (model, blocks, device, dtype), it stops after the deepest block and never keeps
-  a skip activation no executed layer uses; on CUDA it is ``torch.compile``-d;
+* the forward is the model family's truncated forward (``TruncatedUNet`` for U-Nets,
+  ``TruncatedTransformer`` for diffusion transformers): built once per (model, blocks,
+  device, dtype), it stops after the deepest block (U-Nets: and never keeps a skip
+  activation no executed layer uses); on CUDA it is ``torch.compile``-d;
+* latent models: the VAE encodes each batch once on the device (float32, padded
+  micro-batches like the forward), and every t and noise draw reuses the latents;
 * bf16/fp16 autocast when asked, channels_last on CUDA;
 * decoding, preprocessing and noising in DataLoader workers, pinned host memory,
   non-blocking host-to-device copies;
@@ -37,14 +40,14 @@ import torch.nn.functional as F
 
 from diffeat.errors import DiffeatError
 from diffeat.extract.config import COMPUTE_DTYPE_NAMES
-from diffeat.extract.loader import NoisedImages, make_loader
-from diffeat.models.truncated import TruncatedUNet, feature_forward
+from diffeat.extract.loader import ImagesAndNoise, NoisedImages, make_loader
 from diffeat.runtime.progress import Progress
 from diffeat.store.writer import BackgroundWriter
 
 if TYPE_CHECKING:
     from diffeat.extract.results import ExtractReport
     from diffeat.extract.work import SplitWork
+    from diffeat.models.families.base import FeatureModel
     from diffeat.store.writer import SettingWriter
 
 logger = logging.getLogger(__name__)
@@ -68,7 +71,7 @@ class LoopStats:
     num_workers: int = 0
     threads: int = 0  # intra-op CPU threads the forward ran with
     compiled: bool = False
-    truncated: bool = True  # False when the U-Net needed the hook-based fallback
+    truncated: bool = True  # False when the model needed the hook-based fallback (not compilable)
     started: float = 0.0
     finished: float = 0.0
     #: (images written so far, time.perf_counter()) after each batch was handed to the writer
@@ -119,23 +122,26 @@ def default_workers(dev: torch.device) -> int:
 class PreparedForward:
     """A truncated forward made ready for one device and dtype (``call`` is it, or its compiled version)."""
 
-    fwd: torch.nn.Module  # TruncatedUNet, or the hook fallback
+    fwd: torch.nn.Module  # the family's truncated forward (or a U-Net's hook fallback)
     call: Callable[..., dict[int, torch.Tensor]]  # fwd, or torch.compile(fwd)
     compiled: bool
     auto_batch: dict[tuple, int] = field(default_factory=dict)
 
 
-def prepare_forward(unet: torch.nn.Module, blocks, dev: torch.device, dtype: str,
+def prepare_forward(model: FeatureModel, blocks, dev: torch.device, dtype: str,
                     compile: bool | None = None) -> PreparedForward:
-    """The (possibly compiled) truncated forward of ``unet`` for ``blocks`` on ``dev`` (compiled on CUDA by default)."""
+    """The (possibly compiled) truncated forward of ``model`` for ``blocks`` on ``dev`` (compiled on CUDA by default).
+
+    Moves the model (denoiser, VAE, conditioning) to ``dev``; the denoiser is channels_last on CUDA.
+    """
     if compile is None:
         compile = dev.type == "cuda"
-    unet.to(dev)
+    model.to(dev)
     if dev.type == "cuda":
-        unet.to(memory_format=torch.channels_last)
-    fwd = feature_forward(unet, blocks)
+        model.denoiser.to(memory_format=torch.channels_last)
+    fwd = model.feature_forward(blocks).to(dev)
     call, compiled = fwd, False
-    if compile and isinstance(fwd, TruncatedUNet):
+    if compile and fwd.compilable:
         # Fixed shapes (batches are padded): one graph, no recompilation per batch size.
         call, compiled = torch.compile(fwd, dynamic=False), True
         # diffusers' Upsample2D asks an lru_cache'd version check, which dynamo traces through
@@ -143,7 +149,7 @@ def prepare_forward(unet: torch.nn.Module, blocks, dev: torch.device, dtype: str
         warnings.filterwarnings("ignore", message=r"Dynamo detected a call to a `functools\.lru_cache`-wrapped "
                                 r"function at 'upsampling\.py", category=UserWarning)
     elif compile:
-        logger.warning("not compiling: this U-Net runs through the hook-based fallback")
+        logger.warning("not compiling: this model runs through the hook-based fallback")
     return PreparedForward(fwd, call, compiled)
 
 
@@ -159,13 +165,13 @@ class ForwardCache:
         self._key: tuple | None = None
         self._prepared: PreparedForward | None = None
 
-    def get(self, unet: torch.nn.Module, blocks, dev: torch.device, dtype: str,
+    def get(self, model: FeatureModel, blocks, dev: torch.device, dtype: str,
             compile: bool | None = None) -> PreparedForward:
         """The prepared forward for these arguments: the cached one, or a new one replacing it."""
-        key = (id(unet), tuple(sorted(set(blocks))), str(dev), dtype, compile)
-        if self._prepared is None or self._key != key or self._prepared.fwd.unet is not unet:
+        key = (id(model.denoiser), tuple(sorted(set(blocks))), str(dev), dtype, compile)
+        if self._prepared is None or self._key != key or self._prepared.fwd.unet is not model.denoiser:
             self._prepared = None  # free the previous model's forward first
-            self._prepared, self._key = prepare_forward(unet, blocks, dev, dtype, compile), key
+            self._prepared, self._key = prepare_forward(model, blocks, dev, dtype, compile), key
         return self._prepared
 
     def clear(self) -> None:
@@ -173,34 +179,38 @@ class ForwardCache:
         self._key = self._prepared = None
 
 
-def auto_batch_size(prepared: PreparedForward, unet: torch.nn.Module, dev: torch.device, res: int, dtype: str,
+def auto_batch_size(prepared: PreparedForward, model: FeatureModel, dev: torch.device, res: int, dtype: str,
                     inputs_per_image: int = 1) -> int:
     """The batch size ``"auto"`` means: fixed on CPU; on CUDA the largest power of two that fits.
 
-    On CUDA the peak memory of the (eager) truncated forward is measured at two
-    batch sizes, a line through them predicts the largest batch that fits in
-    ``AUTO_MEMORY_SHARE`` of the memory free after loading the model (the loader's
-    input batch of ``inputs_per_image`` noised images per row counted too), and the
-    pick is verified by running it, halving on out-of-memory.
+    On CUDA the peak memory of the (eager) truncated forward (latent models: or of the
+    VAE encoding, whichever is larger) is measured at two batch sizes, a line through
+    them predicts the largest batch that fits in ``AUTO_MEMORY_SHARE`` of the memory free
+    after loading the model (the loader's input batch of ``inputs_per_image`` noised
+    inputs per row counted too), and the pick is verified by running it, halving on
+    out-of-memory.
     """
     if dev.type != "cuda":
         return CPU_AUTO_BATCH
     key = (res, dtype, inputs_per_image)
     if key in prepared.auto_batch:
         return prepared.auto_batch[key]
-    in_ch = unet.config.in_channels
+    shape = model.input_shape(res)
     autocast = torch.autocast("cuda", dtype=COMPUTE_DTYPES[dtype], enabled=dtype != "float32")
-    input_bytes = inputs_per_image * in_ch * res * res * 4
+    input_bytes = (inputs_per_image * int(np.prod(shape)) + (3 * res * res if model.latent else 0)) * 4
 
     def peak(b: int) -> int:
         torch.cuda.synchronize(dev)
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(dev)
         base = torch.cuda.memory_allocated(dev)
-        x = torch.zeros(b, in_ch, res, res, device=dev).contiguous(memory_format=torch.channels_last)
-        t = torch.full((b,), 500, device=dev, dtype=torch.long)
-        with torch.inference_mode(), autocast:
-            out = prepared.fwd(x, t)
+        with torch.inference_mode():
+            if model.latent:
+                model.encode(torch.zeros(b, 3, res, res, device=dev))
+            x = torch.zeros(b, *shape, device=dev).contiguous(memory_format=torch.channels_last)
+            t = torch.full((b,), 500, device=dev, dtype=torch.long)
+            with autocast:
+                out = prepared.fwd(x, t)
         del out, x
         torch.cuda.synchronize(dev)
         return torch.cuda.max_memory_allocated(dev) - base + b * input_bytes
@@ -238,14 +248,17 @@ def run_forward(work: SplitWork, rows: np.ndarray, writers: dict[tuple[int, int,
     does not have pending are computed (they share a batch) but not written. ``bar``: a
     progress bar shared by several calls (one per task); without it, this call makes its own.
     """
-    c, unet, tab, res, dev = work.config, work.unet, work.tab, work.res, work.dev
+    c, model, tab, res, dev = work.config, work.model, work.tab, work.res, work.dev
     blocks, ts, pools, dtype, draws, num_workers = c.blocks, c.ts, c.pools, c.dtype, c.noise_draws, work.num_workers
-    prepared = work.forwards.get(unet, blocks, dev, dtype, c.compile)
+    prepared = work.forwards.get(model, blocks, dev, dtype, c.compile)
     batch_size = c.batch_size
     if batch_size == "auto":
-        batch_size = auto_batch_size(prepared, unet, dev, res, dtype, len(ts) * draws)
+        batch_size = auto_batch_size(prepared, model, dev, res, dtype, len(ts) * draws)
     cuda = dev.type == "cuda"
-    dataset = NoisedImages(tab, rows, res, ts, c.seed, draws)
+    if model.latent:
+        dataset = ImagesAndNoise(tab, rows, res, model.input_shape(res), ts, c.seed, draws)
+    else:
+        dataset = NoisedImages(tab, rows, res, ts, c.seed, draws, schedule=model.schedule)
     loader = make_loader(dataset, batch_size, num_workers, pin_memory=cuda)
     autocast = torch.autocast(dev.type, dtype=COMPUTE_DTYPES[dtype], enabled=dtype != "float32")
     own_bar = bar is None
@@ -263,7 +276,7 @@ def run_forward(work: SplitWork, rows: np.ndarray, writers: dict[tuple[int, int,
         micro, pad = CPU_MICRO_BATCH, True
     observed = _OBSERVER.get()
     stats = LoopStats(batch_size, micro, num_workers, torch.get_num_threads(), prepared.compiled,
-                      isinstance(prepared.fwd, TruncatedUNet), started=time.perf_counter())
+                      prepared.fwd.compilable, started=time.perf_counter())
     if observed is not None:
         observed.append(stats)
     writer = BackgroundWriter()
@@ -281,14 +294,14 @@ def run_forward(work: SplitWork, rows: np.ndarray, writers: dict[tuple[int, int,
 
     try:
         with torch.inference_mode():
-            for batch_rows, xs in loader:
+            for batch_rows, *tensors in loader:
                 batch_rows = batch_rows.numpy()
-                xs = xs.to(dev, non_blocking=True)
+                noised = _noised_inputs(model, [x.to(dev, non_blocking=True) for x in tensors], ts, draws, micro, pad)
                 results: dict[tuple[int, int, int], torch.Tensor] = {}
                 for ti, t in enumerate(ts):
                     sums: dict[tuple[int, int], torch.Tensor] = {}
                     for d in range(draws):
-                        pooled = forward_pooled(prepared.call, xs[:, ti * draws + d], t, blocks, pools, micro,
+                        pooled = forward_pooled(prepared.call, noised(ti * draws + d), t, blocks, pools, micro,
                                                 autocast, pad=pad)
                         report.forwards += 1
                         for key, p in pooled.items():
@@ -320,6 +333,35 @@ def run_forward(work: SplitWork, rows: np.ndarray, writers: dict[tuple[int, int,
                 bar.close()
 
 
+def _noised_inputs(model: FeatureModel, tensors: list[torch.Tensor], ts, draws: int, micro: int, pad: bool
+                   ) -> Callable[[int], torch.Tensor]:
+    """The model inputs x_t of one loader batch, by index t-major over (t, draw).
+
+    Pixel models: the loader noised them already. Latent models: the batch's images are
+    encoded once here, in micro-batches as the forward runs them (padded on CPU, so the
+    latents do not depend on --batch-size), and noised per (t, draw) on the device.
+    """
+    if not model.latent:
+        (xs,) = tensors
+        return lambda i: xs[:, i]
+    x0, eps = tensors
+    # Contiguous, whatever layout the VAE's convolutions chose: CPU GroupNorm takes another kernel on
+    # channels_last input (measured 5e-7 apart), and a padded micro-batch (torch.cat) is contiguous.
+    latents = torch.cat([model.encode(chunk)[:real] for chunk, real in _micro_batches(x0, micro, pad)]).contiguous()
+    flat_ts = [t for t in ts for _ in range(draws)]
+    return lambda i: model.schedule.add_noise(latents, eps[:, i], flat_ts[i]).contiguous()
+
+
+def _micro_batches(x: torch.Tensor, micro: int, pad: bool):
+    """(chunk, real rows) of ``x`` in ``micro``-row pieces, the last one zero-padded to ``micro`` when ``pad``."""
+    for lo in range(0, x.shape[0], micro):
+        chunk = x[lo:lo + micro]
+        real = chunk.shape[0]
+        if real < micro and pad:
+            chunk = torch.cat([chunk, chunk.new_zeros((micro - real,) + tuple(chunk.shape[1:]))])
+        yield chunk, real
+
+
 def _to_host(results: dict, cuda: bool) -> tuple[dict, object]:
     """Start copying ``results`` to host memory; return the host tensors and an event to wait on (CUDA)."""
     if not cuda:
@@ -343,13 +385,8 @@ def forward_pooled(fwd, x: torch.Tensor, t: int, blocks, pools, micro: int, auto
     cuda = x.device.type == "cuda"
     if pad is None:
         pad = not cuda
-    n = x.shape[0]
     parts: dict[tuple[int, int], list[torch.Tensor]] = {(b, k): [] for b in blocks for k in pools}
-    for lo in range(0, n, micro):
-        chunk = x[lo:lo + micro]
-        real = chunk.shape[0]
-        if real < micro and pad:
-            chunk = torch.cat([chunk, chunk.new_zeros((micro - real,) + tuple(chunk.shape[1:]))])
+    for chunk, real in _micro_batches(x, micro, pad):
         if cuda:
             chunk = chunk.contiguous(memory_format=torch.channels_last)
         tt = torch.full((chunk.shape[0],), t, device=x.device, dtype=torch.long)

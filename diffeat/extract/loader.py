@@ -1,15 +1,31 @@
-"""Noised image batches: decoding, preprocessing and noising run in DataLoader workers."""
+"""Image batches for the forward loop: decoding, preprocessing and noise run in DataLoader workers.
+
+Two kinds, by model family:
+
+* pixel-space models (``NoisedImages``): the worker noises the image itself, x_t per t and draw;
+* latent models (``ImagesAndNoise``): the worker returns the clean image and the noise, drawn in
+  the latent shape; the VAE encodes the batch on the extract device and x_t is formed there.
+
+Either way ε is seeded per (seed, sample id, t, draw), so a row's values never depend on which
+batch or worker produced it.
+"""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
 from diffeat.data.images import preprocess
-from diffeat.models.noise import q_sample, sample_noise
+from diffeat.models.noise import sample_noise
+from diffeat.models.schedules import ADM_LINEAR
+
+if TYPE_CHECKING:
+    from diffeat.data.table import SampleTable
+    from diffeat.models.schedules import NoiseSchedule
 
 
 class NoisedImages(Dataset):
@@ -17,12 +33,14 @@ class NoisedImages(Dataset):
 
     Item ``i`` is ``(row, x)`` with ``x`` of shape (len(ts) * draws, 3, R, R),
     ordered t-major. Noise is seeded per (seed, sample id, t, draw), so the value
-    of a row never depends on which batch or worker produced it.
+    of a row never depends on which batch or worker produced it. ``schedule``: the
+    model's (ADM's linear one by default; bitwise ``noise.q_sample``).
     """
 
-    def __init__(self, table, rows: np.ndarray, resolution: int, ts: Sequence[int], seed: int, draws: int = 1):
+    def __init__(self, table: SampleTable, rows: np.ndarray, resolution: int, ts: Sequence[int], seed: int,
+                 draws: int = 1, schedule: NoiseSchedule = ADM_LINEAR):
         self.table, self.rows, self.resolution = table, np.asarray(rows, dtype=np.int64), resolution
-        self.ts, self.seed, self.draws = list(ts), seed, draws
+        self.ts, self.seed, self.draws, self.schedule = list(ts), seed, draws, schedule
 
     def __len__(self) -> int:
         return len(self.rows)
@@ -31,12 +49,36 @@ class NoisedImages(Dataset):
         row = int(self.rows[i])
         x0 = torch.from_numpy(preprocess(self.table.load_image(row), self.resolution))
         sample_id = self.table.ids[row]
-        xs = [q_sample(x0, sample_noise(sample_id, t, tuple(x0.shape), seed=self.seed, draw=d), t)
+        xs = [self.schedule.add_noise(x0, sample_noise(sample_id, t, tuple(x0.shape), seed=self.seed, draw=d), t)
               for t in self.ts for d in range(self.draws)]
         return row, torch.stack(xs)
 
 
-def make_loader(dataset: NoisedImages, batch_size: int, num_workers: int, pin_memory: bool) -> DataLoader:
+class ImagesAndNoise(Dataset):
+    """Rows of a sample table as (row, clean image (3, R, R), ε (len(ts) * draws, *latent_shape)), t-major.
+
+    For latent models: the image goes through the VAE on the extract device, then is noised
+    there with these ε, drawn by the same rule as ``NoisedImages`` in the latent's shape.
+    """
+
+    def __init__(self, table: SampleTable, rows: np.ndarray, resolution: int, latent_shape: tuple[int, ...],
+                 ts: Sequence[int], seed: int, draws: int = 1):
+        self.table, self.rows, self.resolution = table, np.asarray(rows, dtype=np.int64), resolution
+        self.latent_shape, self.ts, self.seed, self.draws = tuple(latent_shape), list(ts), seed, draws
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor, torch.Tensor]:
+        row = int(self.rows[i])
+        x0 = torch.from_numpy(preprocess(self.table.load_image(row), self.resolution))
+        sample_id = self.table.ids[row]
+        eps = [sample_noise(sample_id, t, self.latent_shape, seed=self.seed, draw=d)
+               for t in self.ts for d in range(self.draws)]
+        return row, x0, torch.stack(eps)
+
+
+def make_loader(dataset: Dataset, batch_size: int, num_workers: int, pin_memory: bool) -> DataLoader:
     """A DataLoader in row order (writers fill units sequentially), prefetching in workers."""
     return DataLoader(
         dataset,

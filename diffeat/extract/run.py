@@ -1,7 +1,10 @@
-"""The extract stage: images on disk -> frozen U-Net -> pooled block activations -> store.
+"""The extract stage: images on disk -> frozen diffusion model -> pooled block activations -> store.
 
-One forward pass per (batch, t, noise draw) captures every requested block and
-stops after the deepest; each block is pooled to every requested k. Each
+Any model family (``diffeat.models.families``): pixel U-Nets see the noised image,
+latent models its VAE latents, noised with the model's own schedule and run with
+the family's null conditioning. One forward pass per (batch, t, noise draw) captures
+every requested block and stops after the deepest; each block is pooled to every
+requested k. Each
 (split, block, t, pool) is one *setting*: one array in the store, identified by a
 hash of everything that determines its values. Complete settings are skipped
 ("cached"); partial ones resume at their first unwritten unit.
@@ -25,7 +28,8 @@ from diffeat.extract.forward import ForwardCache, default_workers
 from diffeat.extract.results import ExtractReport, SettingResult
 from diffeat.extract.tasks import plan_tasks, run_all
 from diffeat.extract.work import SplitWork
-from diffeat.models.blocks import BlockInfo, block_table, check_blocks, model_inputs
+from diffeat.models.blocks import BlockInfo
+from diffeat.models.families.base import block_info, check_table_blocks
 from diffeat.models.noise import NOISE_RULE
 from diffeat.runtime.cluster import cluster_client
 from diffeat.runtime.devices import resolve_device
@@ -72,11 +76,37 @@ def run_extract(config: ExtractConfig, *, store: FeatureStore | None = None) -> 
     units over a cluster (``diffeat.extract.distributed``). ``config.chunk_rows`` forces
     smaller units.
     """
-    from diffeat.data import open_dataset
-    from diffeat.models.loading import load_model
-
     c = config
     dev = resolve_device(c.device)
+    tables = _sample_tables(c)
+    fs = as_store(store if store is not None else c.store, mode="a", storage_options=c.storage_options)
+    fs.check_writable()  # read-only credentials fail here, before the model is loaded
+    loaded, res, table = _load_checked(c)
+    report = ExtractReport(model=loaded.name, dataset=c.dataset, store=fs.location, config=c.as_dict())
+    run = _Run(c, fs, loaded, table, res, dev, ForwardCache())
+    start = time.perf_counter()
+    with cluster_client(c.scheduler, c.workers, resources={"GPU": 1} if dev.type == "cuda" else None) as client:
+        for tab in tables.values():
+            _extract_split(run, tab, report, client)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def check_extract(config: ExtractConfig) -> None:
+    """Every check ``run_extract`` makes before it computes, without writing anything (``diffeat run --dry-run``).
+
+    The device, the dataset's splits and files, the model, and the blocks and pool sizes
+    against the model's computed block table.
+    """
+    resolve_device(config.device)
+    _sample_tables(config)
+    _load_checked(config)
+
+
+def _sample_tables(c: ExtractConfig) -> dict[str, SampleTable]:
+    """The sample table of each split to extract (``--limit`` applied), every file checked to exist."""
+    from diffeat.data import open_dataset
+
     layout = open_dataset(c.dataset, c.root, classes=c.classes)
     split_names = list(c.splits) or list(layout.standard_splits)
     if split_names == ["all"]:
@@ -86,25 +116,23 @@ def run_extract(config: ExtractConfig, *, store: FeatureStore | None = None) -> 
         table = layout.samples(split)
         tables[split] = table.head(c.limit) if c.limit is not None else table
         tables[split].check_files()
+    return tables
 
-    fs = as_store(store if store is not None else c.store, mode="a", storage_options=c.storage_options)
-    fs.check_writable()  # read-only credentials fail here, before the model is loaded
+
+def _load_checked(c: ExtractConfig) -> tuple[LoadedModel, int, list[BlockInfo]]:
+    """The model, its input resolution and block table, with the blocks and pool sizes checked against it."""
+    from diffeat.models.loading import load_model
 
     loaded = load_model(c.model)
+    model = loaded.model
     res = c.resolution or loaded.resolution
-    table = block_table(loaded.unet, res)
-    check_blocks(c.blocks, len(table))
+    table = model.block_table(res)  # refuses a resolution the model cannot take
+    check_table_blocks(c.blocks, table)
+    for t in c.ts:
+        model.schedule.check_timestep(t)  # the record checked 0..999; this is the model's own range
     _check_pools(table, c.blocks, c.pools, res)
-    model_inputs(loaded.unet, 1, "cpu", torch.float32)  # refuses class-conditional models now, not mid-run
-
-    report = ExtractReport(model=loaded.name, dataset=c.dataset, store=fs.location, config=c.as_dict())
-    run = _Run(c, fs, loaded, table, res, dev, ForwardCache())
-    start = time.perf_counter()
-    with cluster_client(c.scheduler, c.workers, resources={"GPU": 1} if dev.type == "cuda" else None) as client:
-        for tab in tables.values():
-            _extract_split(run, tab, report, client)
-    report.seconds = time.perf_counter() - start
-    return report
+    model.check_unconditional()  # refuses class-conditional models now, not mid-run
+    return loaded, res, table
 
 
 @dataclass
@@ -122,7 +150,7 @@ class _Run:
 
 def _check_pools(table: list[BlockInfo], blocks: Sequence[int], pools: Sequence[int], resolution: int) -> None:
     for b in blocks:
-        info = table[b - 1]
+        info = block_info(table, b)
         for k in pools:
             if k > min(info.height, info.width):
                 raise DiffeatError(
@@ -133,16 +161,27 @@ def _check_pools(table: list[BlockInfo], blocks: Sequence[int], pools: Sequence[
 
 def _settings(loaded: LoadedModel, tab: SampleTable, info: BlockInfo, t: int, k: int, res: int, seed: int,
               draws: int, dtype: str, store_dtype: str) -> dict:
-    """Everything that determines a setting's values (and nothing else): its identity."""
-    return {
+    """Everything that determines a setting's values (and nothing else): its identity.
+
+    Pixel U-Nets give exactly the fields every store has recorded (their family adds
+    nothing, ADM's schedule is described as it always was), so stores written before
+    model families existed keep their settings hash. Other families add a ``family``
+    record: VAE, conditioning, schedule (``FeatureModel.identity``).
+    """
+    model = loaded.model
+    settings = {
         "feature_version": FEATURE_VERSION,
         "model": {"name": loaded.name, "weights_sha256": loaded.weights_sha256},
         "dataset": {"name": tab.dataset, "split": tab.split, "manifest_sha256": tab.manifest_sha256()},
         "block": info.index, "module": info.module, "t": t, "pool": k, "resolution": res,
         "preprocess": PREPROCESS,
-        "noise": {"schedule": "linear 1e-4..0.02, 1000 steps", "rule": NOISE_RULE, "seed": seed, "draws": draws},
+        "noise": {"schedule": model.schedule.describe(), "rule": NOISE_RULE, "seed": seed, "draws": draws},
         "compute_dtype": dtype, "store_dtype": store_dtype,
     }
+    family = model.identity(res)
+    if family:
+        settings["family"] = family
+    return settings
 
 
 def _extract_split(run: _Run, tab: SampleTable, report: ExtractReport, client: Client | None) -> None:
@@ -150,7 +189,7 @@ def _extract_split(run: _Run, tab: SampleTable, report: ExtractReport, client: C
     write_sample_table(fs, tab)
     jobs: list[SettingJob] = []
     for b in c.blocks:
-        info = run.table[b - 1]
+        info = block_info(run.table, b)
         for t in c.ts:
             for k in c.pools:
                 settings = _settings(loaded, tab, info, t, k, run.res, c.seed, c.noise_draws, c.dtype, c.store_dtype)
@@ -170,9 +209,9 @@ def _extract_split(run: _Run, tab: SampleTable, report: ExtractReport, client: C
     at_open = {key: set(w.pending) for key, w in opened.items()}
     for w in opened.values():
         if not w.pending:
-            logger.info("cached: %s (%s)", w.path, w.label)
+            logger.debug("cached: %s (%s)", w.path, w.label)
     num_workers = c.num_workers if c.num_workers is not None else default_workers(run.dev)
-    work = SplitWork(c, loaded.unet, tab, opened, run.res, run.dev, num_workers, run.forwards, progress=c.progress)
+    work = SplitWork(c, loaded.model, tab, opened, run.res, run.dev, num_workers, run.forwards, progress=c.progress)
     by_cluster: dict[str, int] = {}
     if client is not None and work.pending():
         job = SplitJob(c.for_workers(), tab.split, loaded.weights_sha256, tab.manifest_sha256(), run.res,

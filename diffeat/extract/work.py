@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from diffeat.data.table import SampleTable
     from diffeat.extract.config import ExtractConfig
     from diffeat.extract.forward import ForwardCache
+    from diffeat.models.families.base import FeatureModel
     from diffeat.runtime.progress import Progress
     from diffeat.store.writer import SettingWriter
 
@@ -26,7 +27,7 @@ class SplitWork:
     """
 
     config: ExtractConfig
-    unet: torch.nn.Module
+    model: FeatureModel  # the loaded model's family view: denoiser, VAE, conditioning, schedule
     tab: SampleTable
     writers: dict[tuple[int, int, int], SettingWriter]
     res: int

@@ -189,11 +189,14 @@ def meta_copy(unet: nn.Module) -> nn.Module:
     raise ModelError(f"cannot compute the block table of {type(unet).__name__}: it has no diffusers config")
 
 
-def block_table(unet: nn.Module, resolution: int | None = None) -> list[BlockInfo]:
+def block_table(unet: nn.Module, resolution: int | None = None, inputs: dict | None = None) -> list[BlockInfo]:
     """Compute the block table of ``unet`` at input ``resolution`` (default: its sample size).
 
     Shapes come from hooks on a meta-device forward, so they are exactly what a
-    real forward produces, at no cost even for a 550M-parameter model.
+    real forward produces, at no cost even for a 550M-parameter model. ``inputs``:
+    the extra forward inputs on the meta device, batch 1 (default: a one-token null
+    text conditioning for a conditional U-Net; SDXL's added conditions come from
+    its family, ``diffeat.models.families.latent_unet``).
     """
     config = unet.config
     if resolution is None:
@@ -203,11 +206,14 @@ def block_table(unet: nn.Module, resolution: int | None = None) -> list[BlockInf
     modules = block_modules(unet)
     meta = meta_copy(unet)
     x = torch.zeros(1, config.in_channels, resolution, resolution, device="meta")
-    inputs = {}
-    if getattr(config, "cross_attention_dim", None):
-        dim = config.cross_attention_dim
-        dim = dim[0] if isinstance(dim, (list, tuple)) else dim
-        inputs["encoder_hidden_states"] = torch.zeros(1, 1, dim, device="meta")
+    if inputs is None:
+        inputs = {}
+        if getattr(config, "cross_attention_dim", None):
+            dim = config.cross_attention_dim
+            dim = dim[0] if isinstance(dim, (list, tuple)) else dim
+            inputs["encoder_hidden_states"] = torch.zeros(1, 1, dim, device="meta")
+    else:
+        inputs = dict(inputs)
     if getattr(config, "num_class_embeds", None):
         inputs["class_labels"] = torch.zeros(1, dtype=torch.long, device="meta")
     acts = capture_blocks(meta, x, torch.zeros(1, device="meta"), range(1, len(modules) + 1), **inputs)

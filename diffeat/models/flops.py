@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -27,6 +28,9 @@ from diffeat.models.blocks import (
     meta_copy,
     model_inputs,
 )
+
+if TYPE_CHECKING:
+    from diffeat.models.families.base import FeatureModel
 
 logger = logging.getLogger(__name__)
 
@@ -83,15 +87,76 @@ def count_parameters(unet: nn.Module, block: int | None = None, resolution: int 
         return sum(p.numel() for p in unet.parameters())
     check_blocks([block], len(block_modules(unet)))
     meta, run = _meta_run(unet, resolution, block)
+    return _used_parameters(meta, run)
+
+
+def _used_parameters(module: nn.Module, run: Callable[[], None]) -> int:
+    """Parameters of the submodules of ``module`` that ``run()`` calls (measured with pre-hooks)."""
     used: set[str] = set()
     handles = []
-    for name, module in meta.named_modules():
-        if any(True for _ in module.parameters(recurse=False)):
-            handles.append(module.register_forward_pre_hook(lambda _m, _a, name=name: used.add(name)))
+    for name, sub in module.named_modules():
+        if any(True for _ in sub.parameters(recurse=False)):
+            handles.append(sub.register_forward_pre_hook(lambda _m, _a, name=name: used.add(name)))
     try:
         run()
     finally:
         for h in handles:
             h.remove()
-    modules = dict(meta.named_modules())
+    modules = dict(module.named_modules())
     return sum(p.numel() for name in used for p in modules[name].parameters(recurse=False))
+
+
+def _family_run(model: FeatureModel, resolution: int | None, block: int | None
+                ) -> tuple[FeatureModel, Callable[[], None]]:
+    """A meta copy of a family's model and a function running one image through it (up to ``block``)."""
+    meta = model.on_meta()
+    resolution = resolution or meta.native_resolution
+    x = torch.zeros(1, *meta.input_shape(resolution), device="meta")
+    t = torch.zeros(1, dtype=torch.long, device="meta")
+    fwd = None if block is None else meta.feature_forward([block])
+
+    def run() -> None:
+        with torch.no_grad():
+            if fwd is None:
+                meta.full_forward(x, t)
+            else:
+                fwd(x, t)
+
+    return meta, run
+
+
+def count_model_flops(model: FeatureModel, resolution: int | None = None, block: int | None = None) -> int:
+    """FLOPs of one image through any family's denoiser at ``resolution`` pixels (default: native).
+
+    With ``block``, up to that block as extraction runs it (the family's truncated forward);
+    with None, the model's own full forward. Pixel U-Nets are counted by ``count_flops``, as
+    always. The VAE is not included (``count_vae_flops``).
+    """
+    if model.family == "pixel-unet":
+        return count_flops(model.denoiser, resolution, block)
+    _, run = _family_run(model, resolution, block)
+    with FlopCounterMode(display=False) as counter:
+        run()
+    return int(counter.get_total_flops())
+
+
+def count_vae_flops(model: FeatureModel, resolution: int | None = None) -> int:
+    """FLOPs of encoding one image to latents (0 for pixel-space models)."""
+    if not model.latent:
+        return 0
+    meta = model.on_meta()
+    resolution = resolution or meta.native_resolution
+    x = torch.zeros(1, 3, resolution, resolution, device="meta")
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        meta.encode(x)
+    return int(counter.get_total_flops())
+
+
+def count_model_parameters(model: FeatureModel, block: int | None = None, resolution: int | None = None) -> int:
+    """Parameters of any family's denoiser; with ``block``, only those the truncated forward uses (measured)."""
+    if model.family == "pixel-unet":
+        return count_parameters(model.denoiser, block, resolution)
+    if block is None:
+        return sum(p.numel() for p in model.denoiser.parameters())
+    meta, run = _family_run(model, resolution, block)
+    return _used_parameters(meta.denoiser, run)

@@ -1,9 +1,10 @@
 """The forward diffusion process used to noise images before the U-Net sees them.
 
-diffeat uses DDPM's linear schedule (betas 1e-4 ... 0.02 over 1000 steps), as the
-paper's ADM model was trained with. The cumulative products are computed in
-float64 (as guided-diffusion does) so that x_t matches guided-diffusion's
-``q_sample`` exactly; the noised image itself is float32.
+ADM's linear schedule (betas 1e-4 ... 0.02 over 1000 steps), the one the paper's
+model was trained with and the default of models without a scheduler config; other
+models' schedules come from their config (``diffeat.models.schedules``). The
+cumulative products are computed in float64 (as guided-diffusion does) so that x_t
+matches guided-diffusion's ``q_sample`` exactly; the noised image itself is float32.
 
 Noise is drawn per sample from a generator seeded by (seed, sample id, t, draw),
 so a sample's features never depend on batch size, order, device, resume or

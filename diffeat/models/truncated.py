@@ -23,13 +23,16 @@ every call, keeps every skip activation of the down path, and cannot be compiled
 * no hooks, no exceptions, no data-dependent control flow: ``torch.compile``
   traces it into one graph.
 
-Supported: ``UNet2DModel`` and ``UNet2DConditionModel`` (with a null, all-zero
-text conditioning, as ``model_inputs`` gives) built from the standard diffusers
-block types (``DownBlock2D``, ``ResnetDownsampleBlock2D``, ``AttnDownBlock2D``,
-``CrossAttnDownBlock2D``, their up counterparts, ``UNetMidBlock2D`` and
-``UNetMidBlock2DCrossAttn``): every ADM, DDPM and Stable Diffusion 1.x/2.x U-Net.
-Anything else (score-SDE skip blocks, K-diffusion blocks, SDXL added conditions)
-is reported by ``unsupported_reason`` and ``feature_forward`` falls back to hooks.
+Supported: ``UNet2DModel`` and ``UNet2DConditionModel`` (with the text
+conditioning its family gives: the empty prompt's embeddings for a Stable
+Diffusion pipeline, an all-zero one for a bare folder, as ``model_inputs`` gives;
+and SDXL's added conditions, pooled text embeds and ``time_ids``) built from the
+standard diffusers block types (``DownBlock2D``, ``ResnetDownsampleBlock2D``,
+``AttnDownBlock2D``, ``CrossAttnDownBlock2D``, their up counterparts,
+``UNetMidBlock2D`` and ``UNetMidBlock2DCrossAttn``): every ADM, DDPM and Stable
+Diffusion 1.x/2.x/XL U-Net. Anything else (score-SDE skip blocks, K-diffusion
+blocks, image-conditioned U-Nets) is reported by ``unsupported_reason`` and
+``feature_forward`` falls back to hooks.
 """
 
 from __future__ import annotations
@@ -78,7 +81,7 @@ def unsupported_reason(unet: nn.Module) -> str | None:
     if getattr(unet, "class_embedding", None) is not None:
         return "it has a class embedding (class-conditional models are not supported for features)"
     if kind == "UNet2DConditionModel":
-        if config.addition_embed_type not in (None, "text"):
+        if config.addition_embed_type not in (None, "text", "text_time"):
             return f"addition_embed_type={config.addition_embed_type!r} needs added conditions"
         if getattr(unet, "encoder_hid_proj", None) is not None and config.encoder_hid_dim_type != "text_proj":
             return f"encoder_hid_dim_type={config.encoder_hid_dim_type!r} needs image embeddings"
@@ -133,6 +136,8 @@ def _steps(unet: nn.Module) -> list[tuple[str, int, tuple[nn.Module | None, ...]
 class TruncatedUNet(nn.Module):
     """``unet`` as a plain module returning ``{block: activation}`` for ``blocks``, stopping after the deepest.
 
+    ``compilable``: ``torch.compile`` traces it into one graph (``HookedForward`` is not).
+
     Built once per (model, blocks); call it as ``fwd(x, t)`` with ``t`` an int, a
     0-d tensor or one timestep per sample. ``UNet2DConditionModel`` gets all-zero
     ``encoder_hidden_states`` (one token) unless they are passed.
@@ -174,11 +179,13 @@ class TruncatedUNet(nn.Module):
         dim = getattr(unet.config, "cross_attention_dim", None)
         self._cross_dim = (dim[0] if isinstance(dim, (list, tuple)) else dim) if self.conditional else None
 
+    compilable = True
+
     def extra_repr(self) -> str:
         return f"blocks={self.blocks}, steps={len(self._steps)}, kept_skips={self.kept_skips}"
 
-    def _embed(self, sample: torch.Tensor, timestep: int | torch.Tensor,
-               encoder_hidden_states: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _embed(self, sample: torch.Tensor, timestep: int | torch.Tensor, encoder_hidden_states: torch.Tensor | None,
+               added_cond_kwargs: dict | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The time embedding (and processed text conditioning), exactly as the U-Net's forward computes them."""
         unet = self.unet
         if self.conditional:
@@ -186,12 +193,14 @@ class TruncatedUNet(nn.Module):
                 encoder_hidden_states = sample.new_zeros(sample.shape[0], 1, self._cross_dim)
             t_emb = unet.get_time_embed(sample=sample, timestep=timestep)
             emb = unet.time_embedding(t_emb, None)
-            aug = unet.get_aug_embed(emb=emb, encoder_hidden_states=encoder_hidden_states, added_cond_kwargs={})
+            added_cond_kwargs = added_cond_kwargs or {}
+            aug = unet.get_aug_embed(emb=emb, encoder_hidden_states=encoder_hidden_states,
+                                     added_cond_kwargs=added_cond_kwargs)
             emb = emb + aug if aug is not None else emb
             if unet.time_embed_act is not None:
                 emb = unet.time_embed_act(emb)
             encoder_hidden_states = unet.process_encoder_hidden_states(
-                encoder_hidden_states=encoder_hidden_states, added_cond_kwargs={})
+                encoder_hidden_states=encoder_hidden_states, added_cond_kwargs=added_cond_kwargs)
             return emb, encoder_hidden_states
         timesteps = timestep
         if not torch.is_tensor(timesteps):
@@ -210,14 +219,19 @@ class TruncatedUNet(nn.Module):
         return attn(h)
 
     def forward(self, sample: torch.Tensor, timestep: int | torch.Tensor,
-                encoder_hidden_states: torch.Tensor | None = None) -> dict[int, torch.Tensor]:
-        """The requested blocks' activations of ``sample`` at ``timestep``."""
+                encoder_hidden_states: torch.Tensor | None = None,
+                added_cond_kwargs: dict | None = None) -> dict[int, torch.Tensor]:
+        """The requested blocks' activations of ``sample`` at ``timestep``.
+
+        ``encoder_hidden_states`` (default: all zeros, one token) and ``added_cond_kwargs``
+        (SDXL: ``text_embeds`` and ``time_ids``) are passed as to the U-Net's own forward.
+        """
         if sample.shape[-1] % self._up_factor or sample.shape[-2] % self._up_factor:
             raise DiffeatError(f"input {tuple(sample.shape[-2:])} is not a multiple of {self._up_factor}: "
                                "this U-Net cannot take it (see --resolution)")
         if self.unet.config.center_input_sample:
             sample = 2 * sample - 1.0
-        emb, ehs = self._embed(sample, timestep, encoder_hidden_states)
+        emb, ehs = self._embed(sample, timestep, encoder_hidden_states, added_cond_kwargs)
         out: dict[int, torch.Tensor] = {}
         skips: list[torch.Tensor] = []
         h = sample
@@ -249,14 +263,16 @@ class TruncatedUNet(nn.Module):
 class HookedForward(nn.Module):
     """The fallback for U-Nets ``TruncatedUNet`` does not know: ``capture_blocks`` (hooks, early exit)."""
 
+    compilable = False  # the exception that stops it is a graph break; hooks are opaque to torch.compile
+
     def __init__(self, unet: nn.Module, blocks: Sequence[int]):
         super().__init__()
         check_blocks(list(blocks), len(block_modules(unet)))
         self.unet, self.blocks = unet, tuple(sorted(set(blocks)))
 
-    def forward(self, sample: torch.Tensor, timestep: int | torch.Tensor) -> dict[int, torch.Tensor]:
-        """The requested blocks' activations (see ``capture_blocks``)."""
-        return capture_blocks(self.unet, sample, timestep, self.blocks)
+    def forward(self, sample: torch.Tensor, timestep: int | torch.Tensor, **inputs: object) -> dict[int, torch.Tensor]:
+        """The requested blocks' activations (see ``capture_blocks``); ``inputs`` go to the U-Net."""
+        return capture_blocks(self.unet, sample, timestep, self.blocks, **inputs)
 
 
 def feature_forward(unet: nn.Module, blocks: Sequence[int]) -> nn.Module:

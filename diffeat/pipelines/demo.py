@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from diffeat.pipelines import PipelineReport, StageOutcome, load_pipeline, run_pipeline
+from diffeat.pipelines.spec import builtin_path
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ def run_demo(out: str | Path = DEFAULT_OUT, *, model: str | None = None, force: 
     values: dict[str, Any] = {"out": str(out), **(overrides or {})}
     if model is not None:
         values["model"] = model
-    pipeline = load_pipeline("demo", values)
+    pipeline = load_pipeline(builtin_path("demo"), values)
     report = run_pipeline(pipeline, force=force, on_stage=on_stage)
     outputs = report.outcome("report").outputs
     best = outputs["best"][0] if outputs.get("best") else {}

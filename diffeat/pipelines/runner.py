@@ -19,6 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from diffeat.errors import DiffeatError
 from diffeat.pipelines.spec import Pipeline, StageInstance
 from diffeat.pipelines.stages import Context
 
@@ -124,6 +125,11 @@ def run_pipeline(pipeline: Pipeline, *, stages: list[str] | None = None, force: 
         current = (not force and old is not None and old.get("config_hash") == digest
                    and inst.kind.present(old.get("outputs", {}), args))
         if dry_run:
+            if not current and inst.kind.preflight is not None:
+                try:
+                    inst.kind.preflight(args)  # what the stage would refuse at once, refused now
+                except DiffeatError as e:
+                    raise DiffeatError(f"stage {inst.name}: {e}") from None
             outcome = StageOutcome(inst.name, inst.kind.name, "current" if current else "planned", digest, location,
                                    outputs=old.get("outputs", {}) if current and old else {})
             if current and old:

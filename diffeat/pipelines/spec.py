@@ -188,7 +188,8 @@ def load_pipeline(source: str | Path, overrides: dict[str, Any] | None = None,
     naming the file and key for anything malformed.
     """
     path = Path(source).expanduser()
-    if not path.exists() and str(source) in BUILTIN_PIPELINES:
+    if not path.is_file() and str(source) in BUILTIN_PIPELINES:
+        # A built-in name wins over a folder of the same name (`diffeat demo --out demo` makes ./demo).
         path = builtin_path(str(source))
     if not path.is_file():
         raise DiffeatError(f"pipeline {source}: no such file (built-in pipelines: {', '.join(BUILTIN_PIPELINES)})")

@@ -63,6 +63,7 @@ class StageKind:
     aliases: dict[str, str] = field(default_factory=dict)
     axes: dict[str, str] = field(default_factory=dict)
     also_required: tuple[str, ...] = ()  # required in a pipeline though the command has a default
+    preflight: Callable[[dict], None] | None = None  # the stage's checks beyond its record (--dry-run)
     own_options: tuple[str, ...] = ()
     own_required: tuple[str, ...] = ()
     own_lists: tuple[str, ...] = ()
@@ -177,9 +178,22 @@ def _extract_present(outputs: dict, args: dict) -> bool:
     return set(outputs.get("settings", [])) <= complete and bool(outputs.get("settings"))
 
 
+def _extract_preflight(args: dict) -> None:
+    from diffeat.extract.run import check_extract
+
+    check_extract(ExtractConfig(**args))
+
+
+def _device_preflight(args: dict) -> None:
+    from diffeat.runtime.devices import resolve_device
+
+    resolve_device(args.get("device", "auto"))
+
+
 EXTRACT = StageKind(
     name="extract",
     config=ExtractConfig,
+    preflight=_extract_preflight,
     aliases={"split": "splits"},
     axes={"block": "blocks", "t": "ts", "pool": "pools"},
     run=_run_extract,
@@ -201,6 +215,7 @@ def _run_probe(args: dict, context: Context) -> dict:
 PROBE = StageKind(
     name="probe",
     config=ProbeConfig,
+    preflight=_device_preflight,
     aliases={"lr": "lrs", "wd": "wds", "knn_t": "knn_temperature", "C": "cs", "c": "cs"},
     axes={"block": "blocks", "t": "ts", "pool": "pools", "head": "heads"},
     run=_run_probe,

@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass, field
 
 from diffeat.errors import DiffeatError
-from diffeat.runtime.checks import check_choice
+from diffeat.runtime.checks import check_at_least, check_choice
 from diffeat.runtime.stageconfig import StageConfig, as_floats, as_ints, as_strs
 
 #: How features are standardised before a head sees them (statistics from training rows only).
@@ -47,8 +47,8 @@ class ProbeConfig(StageConfig):
     pools: tuple[int, ...] = ()
     heads: tuple[str, ...] = ("linear",)
     recipe: str = "lbfgs"
-    train_split: str = "train"
-    test_split: str = "test"
+    train_split: str | None = None  # None: the dataset's standard pair among the stored splits
+    test_split: str | None = None
     val_fraction: float = 0.1
     lrs: tuple[float, ...] | None = None
     wds: tuple[float, ...] | None = None
@@ -64,7 +64,9 @@ class ProbeConfig(StageConfig):
     device: str = "auto"
     memory_budget: str | int | None = None
     seed: int = 0
+    threads: int | None = None
     save_weights: bool = True
+    progress: bool | None = None
     scheduler: str | None = None
     workers: int | None = None
 
@@ -110,4 +112,6 @@ class ProbeConfig(StageConfig):
                                    "searches C (--C): drop them, or use --recipe paper")
         if self.memory_budget is not None:
             memory_budget(self.memory_budget)  # a bad size fails here, not after the store is opened
+        if self.threads is not None:
+            check_at_least(self.threads, 1, "--threads", what="an integer")
         check_cluster_options(self.scheduler, self.workers)

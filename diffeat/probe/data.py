@@ -220,7 +220,7 @@ def make_source(features: FeatureSet, budget: int, device: torch.device, *, bloc
         if device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(device)
             where = device if nbytes * 1.25 < free else where
-        logger.info("loading %s (%s, %.1f MiB) into %s", features.info.path, features.info.split,
+        logger.debug("loading %s (%s, %.1f MiB) into %s", features.info.path, features.info.split,
                     nbytes / 2**20, where)
         return InMemoryRows(features.read(0, len(features), None), features.labels, where)
     row_bytes = 4 * int(np.prod(features.array.shape[1:]))

@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 MEMORY_EPOCHS = 10  # SGD's memory under L2 decay, in epochs, that the linear grid's rates respect
+#: The smallest batch the grid trains with when it shrinks the batch for small data.
+MIN_BATCH = 32
 
 
 @dataclass
@@ -59,10 +61,11 @@ def trained_heads(specs: list[HeadSpec], train_src: RowSource, test_src: RowSour
     model/dataset/block/t/pool/name for the results.
     """
     sq_norm = mean_sq_norm(m_fit, std_fit.mean, std_fit.inv_std)
-    steps_per_epoch = math.ceil(len(fit_rows) / o.config.batch_size)
+    batch = train_batch(len(fit_rows), o.config, convex=any(s.convex for s in specs))
+    steps_per_epoch = math.ceil(len(fit_rows) / batch)
     points = []
     for s in specs:
-        options = tuple(sorted({**s.options, **o.config.head_options.get(s.name, {})}.items()))
+        options = tuple(sorted({**s.defaults(shape), **o.config.head_options.get(s.name, {})}.items()))
         if o.config.wds is not None:
             wds = o.config.wds
         elif s.cs:
@@ -96,14 +99,15 @@ def trained_heads(specs: list[HeadSpec], train_src: RowSource, test_src: RowSour
         c = {"C": 1.0 / (p.wd * len(fit_rows))} if p.spec.convex and p.spec.optimizer == "sgd" and p.wd > 0 else {}
         eta = {"eta": p.lr * sq_norm} if p.spec.etas else {}  # the lr as a multiple of 1 / E‖x‖²
         return {"lr": p.lr, "wd": p.wd, **c, **eta, **_plain(dict(p.options)), "optimizer": p.spec.optimizer,
-                "epochs": epochs, "batch_size": o.config.batch_size, "standardize": o.config.standardize}
+                "epochs": epochs, "batch_size": batch, "standardize": o.config.standardize}
 
     torch.manual_seed(o.config.seed)
     trainers = make_trainers(points, shape, k, o.device)
-    logger.info("training %d heads in one pass: %s", len(points),
+    logger.debug("training %d heads in one pass: %s", len(points),
                 ", ".join(f"{s.name} x{sum(p.spec is s for p in points)}" for s in specs))
-    seconds = train(train_src, fit_rows, trainers, std_fit, epochs=epochs, batch_size=o.config.batch_size, seed=o.config.seed,
-                    device=o.device)
+    label = base.get("name") or f"b{base.get('block')}/t{base.get('t')}/p{base.get('pool')}"
+    seconds = train(train_src, fit_rows, trainers, std_fit, epochs=epochs, batch_size=batch,
+                    seed=o.config.seed, device=o.device, desc=f"probe {label}: grid", progress=o.config.progress)
     modules = exported(points, trainers)
     objectives = _objectives(points, modules, train_src, fit_rows, std_fit, o)
     y_val, val_top, val_loss = predict(train_src, val_rows, modules, std_fit, batch_size=max(o.config.batch_size, 1024),
@@ -115,9 +119,9 @@ def trained_heads(specs: list[HeadSpec], train_src: RowSource, test_src: RowSour
         diverged.append(not finite or (p.spec.convex and not np.isfinite(obj)))
         if diverged[-1]:
             # Too large a learning rate for these features: the head blew up. It stays in the
-            # grid (logged as diverged) but can never be chosen.
-            logger.warning("%s lr=%g wd=%g diverged (non-finite weights)", p.spec.name, p.lr, p.wd)
+            # grid (recorded as diverged) but can never be chosen.
             v.update(top1=float("nan"), top5=float("nan"), balanced_acc=float("nan"), loss=float("nan"))
+    _log_diverged(points, diverged, base)
     chosen: dict[str, int] = {}
     candidates: set[int] = set()
     for s in specs:
@@ -131,8 +135,9 @@ def trained_heads(specs: list[HeadSpec], train_src: RowSource, test_src: RowSour
                 for i in chosen.values()]
         torch.manual_seed(o.config.seed + 1)
         refits = make_trainers(best, shape, k, o.device)
-        seconds += train(train_src, rows_final, refits, std_all, epochs=epochs, batch_size=o.config.batch_size,
-                         seed=o.config.seed + 1, device=o.device)
+        seconds += train(train_src, rows_final, refits, std_all, epochs=epochs, batch_size=batch,
+                         seed=o.config.seed + 1, device=o.device, desc=f"probe {label}: refit",
+                         progress=o.config.progress)
         finals = exported(best, refits)
     else:
         finals = [modules[i] for i in chosen.values()]
@@ -149,6 +154,36 @@ def trained_heads(specs: list[HeadSpec], train_src: RowSource, test_src: RowSour
                             n_params=count_parameters(module))
         results.append((result, Probe(Standardize(std_final.mean, std_final.inv_std), module).eval()))
     return results
+
+
+def train_batch(n_fit: int, config: ProbeConfig, *, convex: bool = False) -> int:
+    """The batch the grid trains with: ``batch_size``, or smaller on small data (not below ``MIN_BATCH``).
+
+    The grid trains ``epochs`` epochs but at least ``min_steps`` steps. With a fixed batch, a
+    small split reaches the steps only by running many more epochs (1,293 digits rows at batch
+    256: 167 epochs instead of 30, twice, for grid and refit). A smaller batch gives the same
+    steps in ``epochs`` epochs at the same cost per epoch; the epochs grow only below
+    ``MIN_BATCH · min_steps / epochs`` rows (about 1,070 at the defaults). On ImageNet-sized
+    splits the batch stays ``batch_size`` and the recipe is unchanged. A grid with a linear (convex)
+    SGD head keeps ``batch_size``: its learning rates and their caps are tuned per step at that
+    batch (measured on digits: 0.8 points below logistic regression at the shrunk batch).
+    """
+    if convex:
+        return config.batch_size
+    wanted = math.ceil(n_fit * config.epochs / max(1, config.min_steps))
+    return max(min(config.batch_size, MIN_BATCH), min(config.batch_size, wanted))
+
+
+def _log_diverged(points: list[GridPoint], diverged: list[bool], base: dict) -> None:
+    """One warning per head whose grid has diverged points (they are kept in the results, never chosen)."""
+    for name in dict.fromkeys(p.spec.name for p in points):
+        idx = [i for i, p in enumerate(points) if p.spec.name == name]
+        bad = [points[i] for i in idx if diverged[i]]
+        if bad:
+            lrs = ", ".join(f"{lr:g}" for lr in sorted({p.lr for p in bad}))
+            label = base.get("name") or f"b{base.get('block')}/t{base.get('t')}/p{base.get('pool')}"
+            logger.warning("%s: %d of %d %s grid points diverged (lr %s): never chosen; --lr sets smaller rates",
+                           label, len(bad), len(idx), name, lrs)
 
 
 def _objectives(points: list[GridPoint], modules: list[torch.nn.Module], source: RowSource, fit_rows: np.ndarray,

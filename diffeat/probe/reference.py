@@ -128,7 +128,7 @@ def logistic(train: RowSource, fit_rows: np.ndarray, val_rows: np.ndarray, std_f
                  "val_loss": _log_loss(model, x_val, y_val), "converged": converged,
                  "n_iter": int(np.max(model.n_iter_))}
         grid.append(entry)
-        logger.info("logistic C=%.3g: val top-1 %.4f (%d iterations)", c,
+        logger.debug("logistic C=%.3g: val top-1 %.4f (%d iterations)", c,
                     float((entry["val_topk"][:, 0] == y_val).mean()), entry["n_iter"])
         return entry
 

@@ -57,6 +57,7 @@ from diffeat.probe.train import metrics, predict
 from diffeat.runtime.cluster import cluster_client
 from diffeat.runtime.devices import resolve_device
 from diffeat.runtime.memory import memory_budget
+from diffeat.runtime.threads import compute_threads
 from diffeat.store import FeatureSet, FeatureStore, as_store
 from diffeat.store.reader import store_option
 
@@ -123,6 +124,9 @@ def run_probe(config: ProbeConfig, *, store: FeatureStore | None = None) -> Prob
     budget = memory_budget(c.memory_budget)
     dev = resolve_device(c.device)
     fs = as_store(store if store is not None else c.store, mode="r", storage_options=c.storage_options)
+    if c.train_split is None or c.test_split is None:
+        train_split, test_split = fs.standard_pair(c.dataset)
+        c = c.replace(train_split=c.train_split or train_split, test_split=c.test_split or test_split)
     pairs: dict[str, tuple[FeatureSet, FeatureSet]] = {}
     for b, t, p in itertools.product(c.blocks or [None], c.ts or [None], c.pools or [None]):
         tr, te = _pair(fs, c.dataset, c.train_split, c.test_split, b, t, p, c.model, c.name)
@@ -151,7 +155,7 @@ def run_probe(config: ProbeConfig, *, store: FeatureStore | None = None) -> Prob
     logger.info("probe run %s: %d setting(s) x heads %s", run_dir, len(pairs), list(c.heads))
 
     # ---- training ----
-    with cluster_client(c.scheduler, c.workers) as client:
+    with cluster_client(c.scheduler, c.workers) as client, compute_threads(c.threads):
         run = ProbeRun(c, specs, dev, budget, client)
         for tr, te in pairs.values():
             outcomes = _probe_setting(tr, te, run)
@@ -190,7 +194,7 @@ def _probe_setting(train_fs: FeatureSet, test_fs: FeatureSet, o: ProbeRun) -> li
     std_fit = Standardize(*standardizer(m_fit, o.config.standardize))
     std_all = Standardize(*standardizer(m_fit.combined(m_val), o.config.standardize)) if o.config.refit else std_fit
     rows_final = all_rows if o.config.refit else fit_rows
-    logger.info("%s: %d train rows (%d fit, %d val), %d test rows, %d classes, features %s, %s",
+    logger.debug("%s: %d train rows (%d fit, %d val), %d test rows, %d classes, features %s, %s",
                 info.label(), len(all_rows), len(fit_rows), len(val_rows), len(test_rows), k, shape,
                 "in memory" if train_src.in_memory else "streamed")
     base = {"model": info.model, "dataset": info.dataset, "block": info.block, "t": info.t, "pool": info.pool,

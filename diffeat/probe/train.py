@@ -27,6 +27,7 @@ from torch import nn
 
 from diffeat.heads import HeadSpec, LinearHead, build_head
 from diffeat.probe.data import RowSource
+from diffeat.runtime.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -201,11 +202,13 @@ def exported(points: list[GridPoint], trainers: list[ModuleTrainer | FusedLinear
 
 
 def train(source: RowSource, rows: np.ndarray, trainers: list[ModuleTrainer | FusedLinearGrid],
-          standardize: nn.Module, *, epochs: int, batch_size: int, seed: int, device: torch.device) -> float:
+          standardize: nn.Module, *, epochs: int, batch_size: int, seed: int, device: torch.device,
+          desc: str = "train", progress: bool | None = None) -> float:
     """Train every trainer on ``rows`` of ``source`` for ``epochs``; return the seconds taken.
 
     Deterministic for a given seed: the batch order of epoch ``e`` comes from a
-    generator seeded by ``(seed, e)``.
+    generator seeded by ``(seed, e)``. One progress bar (``desc``) counts the steps: a
+    tqdm bar on a terminal, a log line every 30 s otherwise (``progress`` forces either).
     """
     if not trainers:
         return 0.0
@@ -215,6 +218,7 @@ def train(source: RowSource, rows: np.ndarray, trainers: list[ModuleTrainer | Fu
     decay_from = int(DECAY_FROM * total)
     n_heads = sum(len(t.points) for t in trainers)
     step = 0
+    bar = Progress(total, f"{desc} ({n_heads} heads, {epochs} epochs)", unit="step", enabled=progress, leave=False)
     for t in trainers:
         t.train(True)
     for epoch in range(epochs):
@@ -234,8 +238,10 @@ def train(source: RowSource, rows: np.ndarray, trainers: list[ModuleTrainer | Fu
                 t.step(factor, decaying)
             loss_sum += float(loss.detach()) * len(y)
             seen += len(y)
-        logger.info("epoch %d/%d: mean loss per head %.4f (%d heads, %.1f s)", epoch + 1, epochs,
-                    loss_sum / max(1, seen) / n_heads, n_heads, time.perf_counter() - start)
+            bar.update(1)
+        logger.debug("epoch %d/%d: mean loss per head %.4f (%d heads, %.1f s)", epoch + 1, epochs,
+                     loss_sum / max(1, seen) / n_heads, n_heads, time.perf_counter() - start)
+    bar.close()
     for t in trainers:
         t.train(False)
     return time.perf_counter() - start

@@ -127,12 +127,15 @@ def _runs(units: list[int], plan, row_bytes: int, max_bytes: int = WRITE_BYTES) 
 
 def import_features(store: FeatureStore, dataset: str, split: str, name: str, array: Any, *,
                     attrs: dict | None = None, ids: Sequence[str] | None = None, model: str = DEFAULT_MODEL,
-                    store_dtype: str = "float16", overwrite: bool = False) -> ImportResult:
+                    store_dtype: str = "float16", overwrite: bool = False, root: str | None = None,
+                    classes: str | None = None) -> ImportResult:
     """Write ``array`` ((N, D) or (N, C, k, k), NumPy/memmap/zarr) into ``store`` as import ``name``.
 
     ``ids``: the sample id of each source row (checked against the sample table and used to
     put rows in table order); without it N must equal the table's N. ``attrs``: provenance
     to record (source file, model description ...). The store must be open with ``mode="a"``.
+    ``root`` (``classes``): when the store has no sample table for the split yet (nothing was
+    extracted), read it from the dataset there and store it first; built-in datasets need none.
     """
     check_name(name, "import")
     check_name(model, "model")
@@ -143,6 +146,11 @@ def import_features(store: FeatureStore, dataset: str, split: str, name: str, ar
     if len(shape) not in (2, 4) or not np.issubdtype(np.dtype(array.dtype), np.number):
         raise StoreError(f"features to import must be a numeric (N, D) or (N, C, k, k) array, got shape {shape} "
                          f"dtype {array.dtype}")
+    if split not in store.splits(dataset) and (root is not None or _builtin(dataset)):
+        from diffeat.data import open_dataset
+        from diffeat.store.writer import write_sample_table
+
+        write_sample_table(store, open_dataset(dataset, root, classes=classes).samples(split))
     manifest, table_ids = table_manifest(store, dataset, split)
     order = _order(table_ids, ids, shape[0], f"the array ({shape})")
     out_shape = (len(table_ids),) + shape[1:]
@@ -194,3 +202,45 @@ def _check_existing(store: FeatureStore, dataset: str, split: str, name: str, mo
     logger.warning("replacing import %s (%s)", name, path)
     del store.root[path]
     store.objects.delete(entry_key(old.get("settings_hash", "")))
+
+
+def _builtin(dataset: str) -> bool:
+    """Whether ``dataset`` is a built-in layout (its sample table needs no files)."""
+    from diffeat.data import DATASETS
+
+    return dataset in DATASETS and DATASETS[dataset].builtin
+
+
+def sample_rows(dataset: str, splits: Sequence[str], *, store: str | None = None,
+                storage_options: dict | None = None, root: str | None = None,
+                classes: str | None = None) -> list[dict]:
+    """Rows ``{split, row, id, path, label, class_name}`` of splits, in feature-row order (``diffeat ids``).
+
+    From ``store`` when it holds the split's sample table, else from the dataset (``root``;
+    none for built-in datasets): the same rows either way, since a table's order is its
+    manifest's. ``splits`` empty: every split the store holds, or the dataset's standard pair.
+    """
+    from diffeat.data import open_dataset
+    from diffeat.store.reader import open_store
+
+    fs = open_store(store, storage_options=storage_options) if store else None
+    layout = None
+    if fs is None or (root is not None and not fs.splits(dataset)):
+        layout = open_dataset(dataset, root, classes=classes)
+    if not splits:
+        splits = fs.splits(dataset) if fs is not None and fs.splits(dataset) else list(layout.standard_splits)
+    out: list[dict] = []
+    for split in splits:
+        if fs is not None and split in fs.splits(dataset):
+            table = fs.sample_rows(dataset, split)
+        else:
+            if layout is None:
+                raise StoreError(f"no sample table for {dataset}/{split} in {fs.location} (it holds: "
+                                 f"{', '.join(fs.splits(dataset)) or 'none'}); give --root to read the dataset")
+            t = layout.samples(split)
+            table = {"id": np.array(t.ids), "path": np.array(t.relpaths), "label": t.labels,
+                     "class_name": np.array(t.class_names)[t.labels]}
+        out += [{"split": split, "row": i, "id": str(table["id"][i]), "path": str(table["path"][i]),
+                 "label": int(table["label"][i]), "class_name": str(table["class_name"][i])}
+                for i in range(len(table["id"]))]
+    return out

@@ -267,7 +267,7 @@ class ObjectStore:
 
     def check_writable(self) -> None:
         """Create and delete a probe object; a ``StoreError`` saying so if writes are refused."""
-        key = f"_writetest/{uuid.uuid4().hex}"
+        key = f".diffeat-writetest-{uuid.uuid4().hex}"  # at the root: deleting it leaves no folder behind
         try:
             self.put(key, b"diffeat write test")
             self.delete(key)

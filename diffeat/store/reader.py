@@ -230,6 +230,8 @@ class FeatureStore:
         out = []
         for path, node in self.root["features"].members(max_depth=None):
             if isinstance(node, zarr.Array) and path.endswith("data"):
+                # The array's own metadata, not a group's consolidated copy of it (which can lag).
+                node = zarr.open_array(store=self.root.store, path=f"features/{path}", mode="r")
                 info = _info_from_array(f"features/{path}", node)
                 if info is not None:
                     out.append(info)
@@ -238,7 +240,8 @@ class FeatureStore:
     def find(self, *, dataset: str, split: str, block: int | None = None, t: int | None = None,
              pool: int | None = None, model: str | None = None, name: str | None = None) -> SettingInfo:
         """The one setting that matches, or a ``StoreError`` saying what exists."""
-        candidates = [s for s in self.list_settings() if s.dataset == dataset and s.split == split]
+        of_dataset = [s for s in self.list_settings() if s.dataset == dataset]
+        candidates = [s for s in of_dataset if s.split == split]
         wanted = {"model": model, "block": block, "t": t, "pool": pool, "name": name}
         matches = [s for s in candidates if all(v is None or getattr(s, k) == v for k, v in wanted.items())]
         if name is None:
@@ -248,9 +251,11 @@ class FeatureStore:
         asked = ", ".join(f"{k}={v}" for k, v in {"dataset": dataset, "split": split, **wanted}.items() if v is not None)
         have = sorted({f"{s.model}:{s.label()}" for s in candidates})
         if not matches:
+            other = sorted({s.split for s in of_dataset})
+            held = f" (features of {dataset} are stored for split(s) {', '.join(other)})" if not have and other else ""
             raise StoreError(
                 f"no features for {asked} in {self.location}; for {dataset}/{split} it holds: "
-                f"{', '.join(have) if have else 'nothing'}"
+                f"{', '.join(have) if have else 'nothing'}{held}"
             )
         raise StoreError(
             f"{len(matches)} feature arrays match {asked} in {self.location}: "
@@ -258,7 +263,35 @@ class FeatureStore:
             + " (name the model with --model)"
         )
 
+    def splits(self, dataset: str) -> list[str]:
+        """The splits of ``dataset`` this store holds a sample table for (features of them or not)."""
+        base = f"datasets/{check_name(dataset, 'dataset')}"
+        if base not in self.root:
+            return []
+        return sorted(name for name, _ in self.root[base].groups())
+
+    def standard_pair(self, dataset: str) -> tuple[str, str]:
+        """(train, test) splits of ``dataset`` among those stored (``diffeat.data.standard_pair``'s rule)."""
+        from diffeat.data.registry import standard_pair
+
+        return standard_pair(dataset, self.splits(dataset), self.location)
+
+    def test_split(self, dataset: str) -> str:
+        """The split to compare features on: the standard pair's test split, or the only split stored."""
+        held = self.splits(dataset)
+        if len(held) == 1:
+            return held[0]
+        return self.standard_pair(dataset)[1]
+
     # -- reading ------------------------------------------------------------------------------
+    def sample_rows(self, dataset: str, split: str) -> dict[str, np.ndarray]:
+        """The stored sample table of a split, row by row in feature-row order: id, path, label, class_name."""
+        ids, labels, names = self.sample_table(dataset, split)
+        base = f"datasets/{check_name(dataset, 'dataset')}/{check_name(split, 'split')}"
+        group = self.root[base][sorted(k for k, _ in self.root[base].groups())[0]]
+        paths = np.array(group["path"][:].tolist(), dtype=str) if "path" in group else np.full(len(ids), "")
+        return {"id": ids, "path": paths, "label": labels, "class_name": np.array(names, dtype=str)[labels]}
+
     def sample_table(self, dataset: str, split: str, manifest_sha256: str | None = None
                      ) -> tuple[np.ndarray, np.ndarray, list[str]]:
         """``(ids, labels, class_names)`` of a dataset split stored in this store."""

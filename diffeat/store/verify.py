@@ -32,6 +32,7 @@ from diffeat.store import catalog
 from diffeat.store.fastread import read_rows
 from diffeat.store.layout import settings_hash
 from diffeat.store.reader import FeatureStore, SettingInfo
+from diffeat.store.writer import consolidate
 
 logger = logging.getLogger(__name__)
 
@@ -238,6 +239,7 @@ def _repair(store: FeatureStore, check: SettingCheck) -> None:
         meta["status"] = "in_progress"
         meta.pop("completed", None)
         array.attrs["diffeat"] = meta
+        consolidate(store, group)  # xarray's view of the setting says in_progress too
         check.status = "in_progress"
         logger.info("%s: %d units unflagged; run the same `diffeat extract` to recompute them", check.path,
                     len(check.damaged))

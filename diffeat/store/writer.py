@@ -81,8 +81,10 @@ def _table_complete(store: FeatureStore, path: str) -> bool:
 def _write_table(store: FeatureStore, table, path: str, digest: str) -> None:
     group = _require_group(store.root, path)
     n, k = len(table), len(table.class_names)
+    ids = np.array(table.ids, dtype=str)
     for name, values, dims in (
-        ("id", np.array(table.ids, dtype=str), ("sample",)),
+        ("sample", ids, ("sample",)),  # the coordinate xarray joins features and labels on
+        ("id", ids, ("sample",)),
         ("path", np.array(table.relpaths, dtype=str), ("sample",)),
         ("label", np.asarray(table.labels, dtype=np.int64), ("sample",)),
         ("class_name", np.array(table.class_names, dtype=str), ("class",)),
@@ -95,6 +97,23 @@ def _write_table(store: FeatureStore, table, path: str, digest: str) -> None:
         "dataset": table.dataset, "split": table.split, "manifest_sha256": digest, "n": n, "n_classes": k,
         "root": str(table.root) if table.root is not None else None, "complete": True, "created": now(),
     }
+    consolidate(store, path)
+
+
+def consolidate(store: FeatureStore, group_path: str) -> None:
+    """Write the group's consolidated metadata (its arrays' metadata in its own ``zarr.json``).
+
+    Called when a setting is published (and by ``verify --repair`` after it changes the
+    status) and when a sample table is written, so ``xr.open_zarr(<store>/<group path>)``
+    opens a setting in one read and without xarray's "no consolidated metadata" warning.
+    diffeat itself always reads an array's own ``zarr.json``, never this copy.
+    """
+    import warnings
+
+    with warnings.catch_warnings():
+        # zarr says consolidated metadata is not (yet) in the v3 spec; zarr and xarray both read it.
+        warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part")
+        zarr.consolidate_metadata(store.root.store, path=group_path)
 
 
 def _require_group(root: zarr.Group, path: str) -> zarr.Group:
@@ -274,6 +293,7 @@ class SettingWriter:
         if meta.get("status") != "complete":
             meta.update(status="complete", completed=now())
             self.array.attrs["diffeat"] = meta
+        consolidate(self.store, self.path.rsplit("/", 1)[0])
         entry = catalog.make_entry(self.path, meta, tuple(self.array.shape), str(self.array.dtype),
                                    stored_bytes=catalog.stored_bytes(self.store.objects, self.path))
         catalog.put_entry(self.store.objects, entry)
@@ -302,6 +322,14 @@ def _create(store: FeatureStore, path: str, shape: tuple[int, ...], dtype: str, 
         fill_value=float("nan"), dimension_names=DIMENSIONS[: len(shape)], attributes={"diffeat": meta},
         overwrite=True,
     )
+    setting = attrs.get("setting", {})
+    if "manifest_sha256" in attrs and setting.get("dataset") and setting.get("split"):
+        # The rows' sample ids as the `sample` coordinate: xarray joins features and labels by id.
+        ids, _, _ = store.sample_table(setting["dataset"], setting["split"], attrs["manifest_sha256"])
+        if len(ids) == shape[0]:
+            sample = group.create_array("sample", shape=(len(ids),), dtype=str, chunks=(max(1, len(ids)),),
+                                        dimension_names=("sample",), overwrite=True)
+            sample[:] = ids
     catalog.create_entry(store.objects, catalog.make_entry(f"{path}/data", meta, shape, dtype))
 
 
