@@ -143,7 +143,8 @@ def test_sd_through_probe_and_cka_by_the_demo_pipeline(pipeline_dirs, tmp_path):
 
     out = tmp_path / "sd"
     values = {"out": str(out), "model": str(pipeline_dirs["sd"]), "blocks": [5, 8], "ts": [50],
-              "extract.limit": 48, "probe.min_steps": 20, "probe.lr": [0.1], "probe.wd": [0.0]}
+              "extract.limit": 48, "probe.recipe": "paper", "probe.min_steps": 20, "probe.lr": [0.1],
+              "probe.wd": [0.0]}
     report = run_pipeline(load_pipeline("demo", values, environ={}))
     assert [s.status for s in report.stages] == ["ran"] * 4
     cka = np.load(out / "cka.npy")
