@@ -47,7 +47,8 @@ from diffeat.models.preprocessing import ImagePreprocessing, from_processor_conf
 logger = logging.getLogger(__name__)
 
 #: Weight files a transformers folder may hold (transformers reads .bin with ``weights_only``).
-WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json")
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
 
 
 @dataclass(frozen=True)
@@ -319,8 +320,8 @@ def check_folder(folder: Path, config: dict | None = None) -> tuple[Architecture
         raise ModelError(f"{folder / 'config.json'}: architectures {cls_name!r} is not one diffeat loads for "
                          f"model_type {model_type!r} (known: {', '.join(arch.heads)})")
     if not any((folder / name).is_file() for name in WEIGHT_FILES):
-        raise ModelError(f"{folder}: no weights ({' or '.join(WEIGHT_FILES[:1] + WEIGHT_FILES[2:3])}) beside config.json; "
-                         "fetch them with the config, e.g. `hf download <repo> --local-dir <folder>`")
+        raise ModelError(f"{folder}: no weights (model.safetensors or pytorch_model.bin) beside config.json; fetch "
+                         "them with the config, e.g. `hf download <repo> --local-dir <folder>`")
     read_processor_config(folder)
     return arch, cls_name
 
