@@ -217,16 +217,27 @@ def cka(x: Any, y: Any, **options: Any) -> CKAResult:
 
 def open_specs(store: FeatureStore, dataset: str, split: str, specs: Sequence[SettingSpec],
                model: str | None = None) -> list[FeatureSetSource]:
-    """Open each spec read-only from ``store``; ``model`` applies to extracted settings that name none."""
+    """Open each spec read-only from ``store``; ``model`` applies to extracted settings that name none.
+
+    A model may be named as the store lists it (``random-resnet50``) or as ``extract --model`` was
+    given it (``random:resnet50``, ``microsoft/resnet-50``, a folder): ``model_store_name``.
+    """
     out = []
     for spec in _every_block(store, dataset, split, specs, model):
         if spec.name is not None:
-            fs = store.open_features(dataset=dataset, split=split, name=spec.name, model=spec.model)
+            fs = store.open_features(dataset=dataset, split=split, name=spec.name, model=_stored(spec.model))
         else:
             fs = store.open_features(dataset=dataset, split=split, block=spec.block, t=spec.t, pool=spec.pool,
-                                     model=spec.model or model)
+                                     model=_stored(spec.model or model))
         out.append(FeatureSetSource(fs))
     return out
+
+
+def _stored(model: str | None) -> str | None:
+    """The store's name of ``model`` (see ``open_specs``)."""
+    from diffeat.store.layout import model_store_name
+
+    return None if model is None else model_store_name(model)
 
 
 def _every_block(store: FeatureStore, dataset: str, split: str, specs: Sequence[SettingSpec],
@@ -241,7 +252,7 @@ def _every_block(store: FeatureStore, dataset: str, split: str, specs: Sequence[
         if listed is None:
             listed = [s for s in store.list_settings() if s.dataset == dataset and s.split == split
                       and s.name is None and s.block is not None]
-        want = {"model": spec.model or model, "t": spec.t, "pool": spec.pool}
+        want = {"model": _stored(spec.model or model), "t": spec.t, "pool": spec.pool}
         blocks = sorted({s.block for s in listed if all(v is None or getattr(s, k) == v for k, v in want.items())})
         if not blocks:
             store.find(dataset=dataset, split=split, **want)  # raises, saying what the store holds

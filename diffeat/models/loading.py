@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +49,7 @@ from diffeat.models.families.pixel_unet import (
 )
 from diffeat.models.families.vision import check_folder, is_vision_config
 from diffeat.runtime.checks import check_choice
+from diffeat.store.layout import is_hub_id, model_store_name, safe_name
 
 __all__ = ["ARCHITECTURES", "BUILTIN_MODELS", "LoadedModel", "build_random", "load_model", "peek_family",
            "safe_name", "weights_sha256"]
@@ -58,8 +58,6 @@ logger = logging.getLogger(__name__)
 
 #: Built-in pretrained models shipped as package data: name -> folder under diffeat/weights/.
 BUILTIN_MODELS: dict[str, str] = {"digits-ddpm": "digits-ddpm"}
-
-_NAME_RE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 @dataclass
@@ -98,12 +96,6 @@ class LoadedModel:
         if self.family != "pixel-unet":
             out.update(self.model.describe())
         return out
-
-
-def safe_name(text: str) -> str:
-    """A path-safe slug: letters, digits, '.', '_' and '-' only, never '.' or '..'."""
-    slug = _NAME_RE.sub("-", text).strip("-.") or "model"
-    return slug
 
 
 def _denoiser_name(folder: Path, index: dict) -> tuple[str, str] | None:
@@ -188,10 +180,6 @@ def _load_cached_hub(repo_id: str, dtype: torch.dtype | None) -> FeatureModel:
     return _load_folder(_cached_hub_folder(repo_id), dtype)
 
 
-def _is_hub_id(spec: str) -> bool:
-    return "/" in spec and not spec.startswith((".", "/", "~")) and spec.count("/") == 1
-
-
 def _folder_family(path: Path) -> ModelFamily:
     """The family of a folder from its JSON files alone (no weight is read); a vision folder is checked whole."""
     if (path / "model_index.json").is_file() or (path / "unet" / "config.json").is_file():
@@ -236,7 +224,7 @@ def peek_family(spec: str) -> ModelFamily:
         return FAMILIES["pixel-unet"]
     if path.is_dir():
         return _folder_family(path)
-    if _is_hub_id(spec) and not path.exists():
+    if is_hub_id(spec) and not path.exists():
         return _folder_family(_cached_hub_folder(spec))
     load_model(spec, device="meta")  # the loader's own error for a file or an unknown name
     raise ModelError(f"internal: {spec} has no family")
@@ -259,7 +247,7 @@ def load_model(spec: str, *, dtype: torch.dtype | None = None, device: str = "cp
     path = Path(spec).expanduser()
     if spec.startswith("random:"):
         arch = spec.split(":", 1)[1]
-        model, name = build_random_model(arch, device), f"random-{safe_name(arch)}"
+        model, name = build_random_model(arch, device), model_store_name(spec)
     elif spec in BUILTIN_MODELS:
         folder = Path(__file__).resolve().parent.parent / "weights" / BUILTIN_MODELS[spec]
         model, name = _load_folder(folder, dtype), spec
@@ -269,9 +257,9 @@ def load_model(spec: str, *, dtype: torch.dtype | None = None, device: str = "cp
                 f"--model {spec}: is a file; pass a diffusers model folder "
                 "(convert guided-diffusion checkpoints first with `diffeat convert-adm`)"
             )
-        model, name = _load_folder(path, dtype), safe_name(path.resolve().name)
-    elif _is_hub_id(spec):
-        model, name = _load_cached_hub(spec, dtype), safe_name(spec.replace("/", "--"))
+        model, name = _load_folder(path, dtype), model_store_name(spec)
+    elif is_hub_id(spec):
+        model, name = _load_cached_hub(spec, dtype), model_store_name(spec)
     else:
         raise ModelError(
             f"--model {spec!r}: no such folder, and not a built-in name "

@@ -65,6 +65,38 @@ def settings_hash(settings: dict) -> str:
     return hashlib.sha256(canonical_json(settings).encode()).hexdigest()
 
 
+_SLUG = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_name(text: str) -> str:
+    """A path-safe slug: letters, digits, '.', '_' and '-' only, never '.' or '..'."""
+    return _SLUG.sub("-", text).strip("-.") or "model"
+
+
+def is_hub_id(spec: str) -> bool:
+    """``org/name``: a Hugging Face hub id (when no local path of that name exists)."""
+    return "/" in spec and not spec.startswith((".", "/", "~")) and spec.count("/") == 1
+
+
+def model_store_name(spec: str) -> str:
+    """The name a model's features are stored under, from what ``--model`` was given.
+
+    ``random:<arch>`` -> ``random-<arch>``, a folder -> its name, a hub id ``org/name`` ->
+    ``org--name``; anything else (a built-in name, or a stored name such as ``adm256``) is
+    returned as it is. So ``cka``/``probe`` options may name a model as ``extract`` was given it.
+    """
+    from pathlib import Path
+
+    if spec.startswith("random:"):
+        return f"random-{safe_name(spec.split(':', 1)[1])}"
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return safe_name(path.resolve().name)
+    if is_hub_id(spec):
+        return safe_name(spec.replace("/", "--"))
+    return spec
+
+
 def table_path(dataset: str, split: str, manifest_sha256: str) -> str:
     """Path of a sample table group."""
     return f"datasets/{check_name(dataset, 'dataset')}/{check_name(split, 'split')}/{manifest_sha256[:12]}"
