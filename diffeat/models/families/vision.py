@@ -337,11 +337,18 @@ def load_folder(folder: Path, dtype: torch.dtype | None = None) -> VisionBackbon
     cls = getattr(transformers, cls_name, None)
     if cls is None:
         raise ModelError(f"{folder}: transformers {transformers.__version__} has no {cls_name}")
+    from transformers.utils import logging as hf_logging
+
+    bar = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # a "Loading weights" bar per load would bury diffeat's own lines
     try:
         model, info = cls.from_pretrained(str(folder), local_files_only=True, output_loading_info=True,
                                           dtype=dtype if dtype is not None else torch.float32)
     except (OSError, ValueError, RuntimeError) as e:
         raise ModelError(f"could not load the {cls_name} in {folder}: {e}") from e
+    finally:
+        if bar:
+            hf_logging.enable_progress_bar()
     check_loading_info(folder, cls_name, info)
     attr = arch.heads[cls_name]
     backbone = getattr(model, attr) if attr else model
