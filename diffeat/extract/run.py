@@ -3,9 +3,9 @@
 Any model family (``diffeat.models.families``): pixel U-Nets see the noised image,
 latent models its VAE latents, noised with the model's own schedule and run with
 the family's null conditioning; vision backbones see the image preprocessed by their
-own image processor, without noise, and their settings have no t. One forward pass per (batch, t, noise draw) captures
-every requested block and stops after the deepest; each block is pooled to every
-requested k. Each
+own image processor, without noise, and their settings have no t. One forward pass per
+(batch, t, noise draw) captures every requested block and stops after the deepest; each
+block is pooled to every requested k. Each
 (split, block, t, pool) is one *setting*: one array in the store, identified by a
 hash of everything that determines its values. Complete settings are skipped
 ("cached"); partial ones resume at their first unwritten unit.
