@@ -66,9 +66,11 @@ def extract(as_json, **options):
     resume.
 
     \b
-    Example:
+    Examples:
       diffeat extract --dataset cub --root /data/CUB_200_2011 --model /models/adm256 \\
           --block 24 --t 90 --t 150 --pool 1 --pool 2 --store feats.zarr
+      diffeat extract --dataset cub --root /data/CUB_200_2011 --model microsoft/resnet-50 \\
+          --block 0-4 --store feats.zarr          # a baseline: no --t
     """
     from diffeat.extract import ExtractConfig, run_extract
 
