@@ -315,7 +315,7 @@ def check_folder(folder: Path, config: dict | None = None) -> tuple[Architecture
                          f"does not take; supported vision backbones: {', '.join(ARCHITECTURES)}")
     arch = ARCHITECTURES[model_type]
     declared = list(config.get("architectures") or [])
-    cls_name = declared[0] if declared else next(k for k, v in arch.heads.items() if v == "")
+    cls_name = declared[0] if declared else next(iter(arch.heads))  # no `architectures`: the plain model
     if cls_name not in arch.heads:
         raise ModelError(f"{folder / 'config.json'}: architectures {cls_name!r} is not one diffeat loads for "
                          f"model_type {model_type!r} (known: {', '.join(arch.heads)})")
