@@ -131,9 +131,11 @@ def probe(as_json, linear_bn, mlp_hidden, cnn_width, cnn_depth, attn_dim, attn_d
 
 def _print_table(report) -> None:
     """A short fixed-width table: one line per (setting, head)."""
+    from diffeat.store.layout import setting_label
+
     rows = [("model", "setting", "head", "top1", "top5", "val_top1", "chosen", "seconds")]
     for r in report.results:
-        setting = r.name or f"b{r.block}/t{r.t}/p{r.pool}"
+        setting = setting_label(r.block, r.t, r.pool, r.name)
         hp = r.hparams
         chosen = (f"lr={hp['lr']:g} wd={hp['wd']:g}" if "lr" in hp else f"C={hp['C']:g}" if "C" in hp
                   else f"k={hp.get('k')}")

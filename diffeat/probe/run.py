@@ -59,6 +59,7 @@ from diffeat.runtime.devices import resolve_device
 from diffeat.runtime.memory import memory_budget
 from diffeat.runtime.threads import compute_threads
 from diffeat.store import FeatureSet, FeatureStore, as_store
+from diffeat.store.layout import model_store_name
 from diffeat.store.reader import store_option
 
 logger = logging.getLogger(__name__)
@@ -129,7 +130,8 @@ def run_probe(config: ProbeConfig, *, store: FeatureStore | None = None) -> Prob
         c = c.replace(train_split=c.train_split or train_split, test_split=c.test_split or test_split)
     pairs: dict[str, tuple[FeatureSet, FeatureSet]] = {}
     for b, t, p in itertools.product(c.blocks or [None], c.ts or [None], c.pools or [None]):
-        tr, te = _pair(fs, c.dataset, c.train_split, c.test_split, b, t, p, c.model, c.name)
+        tr, te = _pair(fs, c.dataset, c.train_split, c.test_split, b, t, p,
+                       model_store_name(c.model) if c.model else None, c.name)
         pairs.setdefault(tr.info.path, (tr, te))
     for tr, _ in pairs.values():
         shape = tuple(tr.array.shape[1:])

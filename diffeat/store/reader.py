@@ -16,7 +16,7 @@ import zarr
 from diffeat.errors import StoreError
 from diffeat.runtime.checks import check_choice
 from diffeat.store.fastread import read_rows
-from diffeat.store.layout import STORE_FORMAT, check_name
+from diffeat.store.layout import STORE_FORMAT, check_name, setting_label
 from diffeat.store.location import absolute, is_url, local_path
 from diffeat.store.refs import ArrayRef
 from diffeat.store.streaming import aligned_rows, block_ranges
@@ -33,7 +33,7 @@ class SettingInfo:
     dataset: str
     split: str
     block: int | None
-    t: int | None
+    t: int | None  # None: imported features, or a model without a timestep (a vision backbone)
     pool: int | None
     name: str | None  # imported external features only
     shape: tuple[int, ...]
@@ -47,10 +47,8 @@ class SettingInfo:
     stored_bytes: int | None = None  # compressed bytes on the store (from the catalog)
 
     def label(self) -> str:
-        """Short human label: ``b24/t90/p1``, or the import name."""
-        if self.name is not None:
-            return self.name
-        return f"b{self.block}/t{self.t}/p{self.pool}"
+        """Short human label: ``b24/t90/p1``, ``b3/p1`` (no timestep), or the import name."""
+        return setting_label(self.block, self.t, self.pool, self.name)
 
     def as_dict(self) -> dict:
         """JSON-friendly dict."""
