@@ -35,6 +35,19 @@ SECTIONS = [
     ("Diffusion transformers: PixArt-α", "pixart-alpha-1024", "PixArt-alpha/PixArt-XL-2-1024-MS", ""),
     ("Diffusion transformers: Stable Diffusion 3", "sd3-medium", "stabilityai/stable-diffusion-3-medium-diffusers",
      "Blocks are the image stream after each joint (MM-DiT) block."),
+    ("Vision backbones: the paper's baselines", "resnet50", "microsoft/resnet-50",
+     "Block 0 is the stem (7×7 convolution and max-pool), block N the output of stage N: transformers' "
+     "`hidden_states[N]`."),
+    ("", "vit-b16", "google/vit-base-patch16-224",
+     "Block 0 is the patch embedding (with the position embedding), block N the output of transformer layer N "
+     "(`hidden_states[N]`, before the final layer norm); the class token is dropped and the 196 patch tokens "
+     "reshaped row-major to the 14×14 grid."),
+    ("Vision backbones: today's", "dinov2-s14", "facebook/dinov2-small",
+     "The position embedding (for 518 px) is interpolated to the 16×16 grid of a 224 px crop, as the model "
+     "always does."),
+    ("", "clip-b32", "openai/clip-vit-base-patch32",
+     "CLIP's vision tower (a `CLIPModel` folder loads whole, strictly, and keeps it); block 0 is the patch "
+     "embedding after its `pre_layrnorm`."),
 ]
 
 
@@ -65,6 +78,14 @@ def section(heading: str, arch: str, model: str, note: str) -> str:
     note = re.sub(r"\{([\w.]+)\}", lambda m: str(index[m.group(1)]), note)
     vae = (f"; the VAE encoder adds {count_vae_flops(fm) / 1e9:,.1f} GFLOP per image (once per image, whatever "
            "the number of t)") if fm.latent else ""
+    if fm.preprocessing is not None:  # a vision backbone: its own preprocessing, from its processor config
+        p = fm.preprocessing
+        size = (f"shorter side to {p.resize[1]}" if p.resize[0] == "shortest_edge"
+                else f"to {p.resize[1]}×{p.resize[2]}")
+        crop = f", center crop {p.crop[0]}×{p.crop[1]}" if p.crop else ""
+        norm = ", ".join(f"{m:.3f}/{s:.3f}" for m, s in zip(p.mean, p.std))
+        note += (f" Input: the image resized ({p.identity()['resample']}) {size}{crop}, scaled to [0, 1], "
+                 f"normalised by mean/std {norm} ({p.processor}); no noise, no t.")
     lines = [f"### {heading}", ""] if heading else []
     lines += [
         f"`{model}` (`diffeat blocks --model random:{arch}`), {res} px: {type(fm.denoiser).__name__}, "

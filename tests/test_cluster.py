@@ -69,14 +69,17 @@ def test_cluster_routes_equal_single_process(store, client, route, estimator):
 
 def test_cluster_rectangular_float32_and_pair_groups(store, client):
     rows, cols = _sources(store, SETTINGS[:2]), _sources(store, SETTINGS[2:])
-    for opts in ({"route": "features", "precision": "float32", "block_rows": 48},
-                 # a 1000 KB budget: one pass per group of pairs, each on the cluster (the largest pair's
-                 # 512 KiB accumulator and a 16-row block of every setting, 225 KiB as the plan counts it, fit)
-                 {"route": "features", "memory_budget": "1000KB", "block_rows": 16}):
+    # float32 products: BLAS rounds them alike in two processes only up to float32 rounding
+    # (an 8e-10 difference was seen once), so that is what is asserted; float64 stays at 1e-12.
+    for opts, atol in (({"route": "features", "precision": "float32", "block_rows": 48}, 1e-6),
+                       # a 1000 KB budget: one pass per group of pairs, each on the cluster (the largest
+                       # pair's 512 KiB accumulator and a 16-row block of every setting, 225 KiB as the plan
+                       # counts it, fit)
+                       ({"route": "features", "memory_budget": "1000KB", "block_rows": 16}, 1e-12)):
         local = cka_matrix(rows, cols, **opts)
         remote = cka_matrix(rows, cols, client=client, **opts)
         assert remote.plan["cluster"]["used"] and remote.matrix.shape == (2, 2)
-        np.testing.assert_allclose(remote.matrix, local.matrix, rtol=0, atol=1e-12)
+        np.testing.assert_allclose(remote.matrix, local.matrix, rtol=0, atol=atol)
     assert remote.plan["estimates"]["feature_passes"] > 1
 
 

@@ -104,8 +104,7 @@ def test_ddpm_sampler_and_grid(tmp_path):
 def test_run_demo_writes_a_report_and_reuses_it(tmp_path):
     from diffeat.pipelines.demo import run_demo
 
-    overrides = {"blocks": [4, 9], "ts": [50, 150], "extract.limit": 150, "probe.min_steps": 30,
-                 "probe.lr": [0.1], "probe.wd": [0.0]}
+    overrides = {"blocks": [4, 9], "ts": [50, 150], "defaults.limit": 150}
     result = run_demo(tmp_path / "d", overrides=overrides)
     summary = result.summary.read_text()
     assert result.best["block"] in (4, 9) and result.best["t"] in (50, 150) and 0.5 < result.best["test"] <= 1

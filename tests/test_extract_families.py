@@ -143,9 +143,10 @@ def test_sd_through_probe_and_cka_by_the_demo_pipeline(pipeline_dirs, tmp_path):
 
     out = tmp_path / "sd"
     values = {"out": str(out), "model": str(pipeline_dirs["sd"]), "blocks": [5, 8], "ts": [50],
-              "extract.limit": 48, "probe.min_steps": 20, "probe.lr": [0.1], "probe.wd": [0.0]}
+              "defaults.limit": 48, "probe.recipe": "paper", "probe.min_steps": 20, "probe.lr": [0.1],
+              "probe.wd": [0.0]}
     report = run_pipeline(load_pipeline("demo", values, environ={}))
-    assert [s.status for s in report.stages] == ["ran"] * 4
+    assert [s.status for s in report.stages] == ["ran"] * 6
     cka = np.load(out / "cka.npy")
     assert cka.shape == (2, 2) and np.allclose(np.diag(cka), 1)
     rows = (out / "results.csv").read_text().splitlines()

@@ -306,10 +306,11 @@ def test_bad_timestep_resolution_and_null_label(loaded):
 def test_every_family_is_registered_once():
     from diffeat.models.families import random_architectures
 
-    assert list(FAMILIES) == ["pixel-unet", "latent-unet", "dit", "pixart", "sd3"]
+    assert list(FAMILIES) == ["pixel-unet", "latent-unet", "dit", "pixart", "sd3", "vision"]
+    assert [f.name for f in FAMILIES.values() if not f.timestep] == ["vision"]
     archs = random_architectures()
     assert {"tiny", "adm256", "sd15-unet", "dit-xl2", "tiny-sd", "tiny-sdxl", "tiny-dit", "tiny-pixart",
-            "tiny-sd3"} <= set(archs)
+            "tiny-sd3", "resnet50", "vit-b16", "dinov2-s14", "tiny-resnet"} <= set(archs)
 
 
 def test_the_family_block_tables_in_the_docs_are_computed():

@@ -107,7 +107,7 @@ def test_demo_console_is_a_few_lines(tmp_path):
     # A small demo (two blocks, one t) through the real command, output as a user sees it off a terminal.
     env_code = code.replace("main()", "from diffeat.pipelines import demo as d; "
                             "orig = d.run_demo; d.run_demo = lambda out, **kw: orig(out, **{**kw, 'overrides': "
-                            "{**kw.get('overrides', {}), 'blocks': [4, 9], 'ts': [50], 'extract.limit': 120}}); "
+                            "{**kw.get('overrides', {}), 'blocks': [4, 9], 'ts': [50], 'defaults.limit': 120}}); "
                             "main()")
     proc = subprocess.run([sys.executable, "-c", env_code, str(overrides)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]

@@ -13,7 +13,7 @@ from diffeat.pipelines import KINDS, load_pipeline, parse_pipeline, run_pipeline
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = sorted((REPO / "pipelines").glob("*.yaml"))
-TINY = {"extract.limit": 120, "probe.min_steps": 20, "probe.lr": [0.1], "probe.wd": [0.0]}
+TINY = {"defaults.limit": 120, "probe.min_steps": 20}  # the linear head's L-BFGS takes well under a second
 
 
 def _dummy_values(path: Path) -> dict:
@@ -68,7 +68,10 @@ def test_foreach_instances_need_their_own_dataset_only():
     assert inst["probe_flat@cub"].needs == ["extract@cub"]
     assert inst["probe_flat@flowers"].arguments()["train_split"] == "trainval"
     assert inst["probe_maps@dogs"].arguments()["out"].endswith("probe_cnn/dogs")
-    assert len(inst["report"].needs) == 24
+    assert len(inst["report"].needs) == 36  # extract, three ADM probe stages, the ResNet-50 extract and probe
+    assert inst["probe_resnet@cub"].needs == ["extract_resnet@cub"]
+    assert inst["extract_resnet@cub"].arguments()["model"] == "microsoft/resnet-50"
+    assert "ts" not in inst["extract_resnet@cub"].arguments()
 
 
 def test_variable_precedence_file_env_set():
@@ -125,9 +128,14 @@ def demo_run(tmp_path_factory):
 
 def test_demo_pipeline_runs_and_writes_its_outputs(demo_run):
     out, _, report = demo_run
-    assert [s.status for s in report.stages] == ["ran"] * 4
-    for name in ("summary.md", "accuracy.png", "cka.png", "cka.csv", "results.csv"):
+    assert [s.status for s in report.stages] == ["ran"] * 6
+    for name in ("summary.md", "accuracy.png", "cka.png", "cka.csv", "results.csv", "cka_baseline/cka.png"):
         assert (out / name).is_file(), name
+    # digits-ddpm's blocks against every stage of the random ResNet: one matrix across two models
+    across = report.outcome("cka_baseline").outputs
+    assert across["row_labels"] == ["digits-ddpm:b3/t50/p1", "digits-ddpm:b7/t50/p1"]
+    assert across["col_labels"] == [f"random-tiny-resnet:b{b}/p1" for b in range(5)]
+    assert "cka_baseline/cka.png" in (out / "summary.md").read_text()
     assert (out / ".diffeat-demo-extract.json").is_file()  # beside the store
     record = json.loads((out / "probe" / ".diffeat-demo-probe.json").read_text())  # beside the probe runs
     assert record["config_hash"] == report.outcome("probe").config_hash
@@ -138,16 +146,18 @@ def test_demo_pipeline_runs_and_writes_its_outputs(demo_run):
 def test_rerun_skips_and_a_changed_option_reruns_what_depends_on_it(demo_run):
     _, values, first = demo_run
     again = run_pipeline(load_pipeline("demo", values, environ={}))
-    assert [s.status for s in again.stages] == ["skipped"] * 4
+    assert [s.status for s in again.stages] == ["skipped"] * 6
     assert [s.config_hash for s in again.stages] == [s.config_hash for s in first.stages]
     changed = run_pipeline(load_pipeline("demo", {**values, "probe.min_steps": 25}, environ={}))
     assert {s.name: s.status for s in changed.stages} == {
-        "extract": "skipped", "probe": "ran", "cka": "skipped", "report": "ran"}
+        "extract": "skipped", "probe": "ran", "cka": "skipped", "extract_baseline": "skipped",
+        "cka_baseline": "skipped", "report": "ran"}
     # Outputs that disappeared are made again even with the same config.
     Path(changed.outcome("cka").outputs["files"]["csv"]).unlink()
     dry = run_pipeline(load_pipeline("demo", {**values, "probe.min_steps": 25}, environ={}), dry_run=True)
     assert {s.name: s.status for s in dry.stages} == {
-        "extract": "current", "probe": "current", "cka": "planned", "report": "current"}
+        "extract": "current", "probe": "current", "cka": "planned", "extract_baseline": "current",
+        "cka_baseline": "current", "report": "current"}
     only = run_pipeline(load_pipeline("demo", {**values, "probe.min_steps": 25}, environ={}), stages=["cka"])
     assert [(s.name, s.status) for s in only.stages] == [("extract", "skipped"), ("cka", "ran")]
 
@@ -162,6 +172,6 @@ def test_run_command_dry_run_json(demo_run):
     result = CliRunner().invoke(run, args, catch_exceptions=False)
     assert result.exit_code == 0, result.output
     doc = json.loads(result.output)
-    assert [s["status"] for s in doc["stages"]] == ["current"] * 4
+    assert [s["status"] for s in doc["stages"]] == ["current"] * 6
     bad = CliRunner().invoke(run, ["demo", "--set", "nosuchvar=1"])
     assert isinstance(bad.exception, DiffeatError) and "declares no variable 'nosuchvar'" in str(bad.exception)

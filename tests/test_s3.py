@@ -22,7 +22,7 @@ LIMIT = 40  # samples per split: digits has 10 classes; the probe needs a few pe
 EXTRACT = ["extract", "--dataset", "digits", "--block", "2,3", "--t", "50", "--limit", str(LIMIT),
            "--device", "cpu", "--num-workers", "0", "--batch-size", "20"]
 PROBE = ["--dataset", "digits", "--block", "3", "--t", "50", "--pool", "1", "--head", "linear", "--epochs", "2",
-         "--min-steps", "5", "--lr", "0.1", "--wd", "0", "--device", "cpu", "--no-save-weights", "--json"]
+         "--min-steps", "5", "--recipe", "paper", "--lr", "0.1", "--wd", "0", "--device", "cpu", "--no-save-weights", "--json"]
 CKA = ["--dataset", "digits", "--split", "test", "--a", "block=2,t=50,pool=1", "--b", "block=3,t=50,pool=1",
        "--json"]
 

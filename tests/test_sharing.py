@@ -70,7 +70,9 @@ def test_two_writers_on_the_same_settings_at_once(tmp_path, reference):
     assert [p.returncode for p in procs] == [0, 0], [err for _, err in results]
     outs = [json.loads(out) for out, _ in results]
     for out in outs:
-        assert {s["outcome"] for s in out["settings"]} <= {"written", "shared"}
+        # "cached" when one writer started only after the other had finished (a loaded machine):
+        # what must hold whatever the timing is the count below and the bytes.
+        assert {s["outcome"] for s in out["settings"]} <= {"written", "shared", "cached"}
     written = [sum(s["units_written"] for s in out["settings"]) for out in outs]
     # Each unit was computed by exactly one writer.
     assert sum(written) == 2 * N_UNITS, written

@@ -76,9 +76,14 @@ def _union(rows: list[ArraySource], cols: list[ArraySource]) -> tuple[list[Array
     seen: dict[str, int] = {}
     for s in union:
         seen[s.label] = seen.get(s.label, 0) + 1
+    # Settings of several models in one matrix (ADM blocks against a ResNet's stages): every extracted
+    # setting says its model, so b3/p1 of a ResNet and b3/t90/p1 of ADM read as what they are.
+    several = len({s.meta.get("model") for s in union if s.meta.get("block") is not None}) > 1
     for k, s in enumerate(union):  # two models' b24/t90/p1 must not share a label
-        if seen[s.label] > 1:
-            s.label = f"{s.meta['model']}:{s.label}" if s.meta.get("model") else f"{s.label}#{k}"
+        if s.meta.get("model") and (seen[s.label] > 1 or (several and s.meta.get("block") is not None)):
+            s.label = f"{s.meta['model']}:{s.label}"
+        elif seen[s.label] > 1:
+            s.label = f"{s.label}#{k}"
     return union, [where[_key(s)] for s in rows], [where[_key(s)] for s in cols]
 
 
@@ -241,15 +246,46 @@ def cka(x: Any, y: Any, **options: Any) -> CKAResult:
 
 def open_specs(store: FeatureStore, dataset: str, split: str, specs: Sequence[SettingSpec],
                model: str | None = None) -> list[FeatureSetSource]:
-    """Open each spec read-only from ``store``; ``model`` applies to extracted settings that name none."""
+    """Open each spec read-only from ``store``; ``model`` applies to extracted settings that name none.
+
+    A model may be named as the store lists it (``random-resnet50``) or as ``extract --model`` was
+    given it (``random:resnet50``, ``microsoft/resnet-50``, a folder): ``model_store_name``.
+    """
     out = []
-    for spec in specs:
+    for spec in _every_block(store, dataset, split, specs, model):
         if spec.name is not None:
-            fs = store.open_features(dataset=dataset, split=split, name=spec.name, model=spec.model)
+            fs = store.open_features(dataset=dataset, split=split, name=spec.name, model=_stored(spec.model))
         else:
             fs = store.open_features(dataset=dataset, split=split, block=spec.block, t=spec.t, pool=spec.pool,
-                                     model=spec.model or model)
+                                     model=_stored(spec.model or model))
         out.append(FeatureSetSource(fs))
+    return out
+
+
+def _stored(model: str | None) -> str | None:
+    """The store's name of ``model`` (see ``open_specs``)."""
+    from diffeat.store.layout import model_store_name
+
+    return None if model is None else model_store_name(model)
+
+
+def _every_block(store: FeatureStore, dataset: str, split: str, specs: Sequence[SettingSpec],
+                 model: str | None) -> list[SettingSpec]:
+    """``specs`` with each ``block=*`` replaced by one spec per stored block matching its other keys, in block order."""
+    out: list[SettingSpec] = []
+    listed = None
+    for spec in specs:
+        if not spec.all_blocks:
+            out.append(spec)
+            continue
+        if listed is None:
+            listed = [s for s in store.list_settings() if s.dataset == dataset and s.split == split
+                      and s.name is None and s.block is not None]
+        want = {"model": _stored(spec.model or model), "t": spec.t, "pool": spec.pool}
+        blocks = sorted({s.block for s in listed if all(v is None or getattr(s, k) == v for k, v in want.items())})
+        if not blocks:
+            store.find(dataset=dataset, split=split, **want)  # raises, saying what the store holds
+        out += [SettingSpec(b, spec.t, spec.pool, spec.model or model) for b in blocks]
     return out
 
 

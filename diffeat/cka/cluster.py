@@ -14,7 +14,11 @@ What runs where:
   HSIC/CKA. It holds only the D×D (feature route) or L×L (Gram route) accumulators and one
   partial result at a time.
 
-The results equal the single-process routes up to float64 summation order (≤ 1e-12). The
+The results equal the single-process routes up to float64 summation order (≤ 1e-12). With
+``precision="float32"`` the row-block products are float32 matrix products, which BLAS does not
+promise to round alike in two processes (its small-matrix kernels depend on the operands' memory
+alignment): there the routes agree to float32 rounding (measured 8e-10; the float32 route itself is
+within 5e-8 of float64, probe_cka.md §4.1), not bitwise. The
 minibatch and RBF routes, and data held in memory (NumPy arrays, ``--subsample``), run in the
 calling process (:func:`cluster_refs` logs why).
 """

@@ -87,11 +87,11 @@ class CkaConfig(StageConfig):
 
     def rows(self) -> list[SettingSpec]:
         """The row settings: ``a``, then the grid, then the imported ``names``."""
-        specs = [SettingSpec.parse(s) for s in self.a]
+        specs = [spec for s in self.a for spec in SettingSpec.parse_all(s)]
         specs += grid(self.blocks, self.ts, self.pools)
         specs += [SettingSpec.parse(f"name={n}") for n in self.names]
         return specs
 
     def cols(self) -> list[SettingSpec] | None:
         """The column settings (None: the rows against themselves)."""
-        return [SettingSpec.parse(s) for s in self.b] or None
+        return [spec for s in self.b for spec in SettingSpec.parse_all(s)] or None

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from diffeat.errors import DiffeatError, StoreError
+from diffeat.store.fastread import read_rows
 from diffeat.store.streaming import RunningMoments, block_ranges, merge_all, prefetch
 
 logger = logging.getLogger(__name__)
@@ -53,10 +54,14 @@ class ArraySource:
         """Bytes of the whole matrix as read (float32/float64)."""
         return self.n * self.dim * self.dtype.itemsize
 
-    def read(self, lo: int, hi: int) -> np.ndarray:
-        """Rows ``[lo, hi)`` as a C-contiguous (hi-lo, D) float array."""
-        block = np.asarray(self.array[lo:hi])
-        return np.ascontiguousarray(block.reshape(hi - lo, self.dim), dtype=self.dtype)
+    def read(self, lo: int, hi: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows ``[lo, hi)`` as a C-contiguous (hi-lo, D) float array (decoded into ``out`` when given).
+
+        A zarr array is read by the store's fast path (``diffeat.store.fastread``), anything
+        else by slicing it.
+        """
+        rows = None if out is None else out.reshape((hi - lo,) + self.shape[1:])
+        return read_rows(self.array, lo, hi, self.dtype, out=rows).reshape(hi - lo, self.dim)
 
     def block_ranges(self, rows: int) -> list[tuple[int, int]]:
         """``(lo, hi)`` of contiguous row blocks of about ``rows`` rows, rounded up to whole stored chunks.
@@ -88,9 +93,10 @@ class FeatureSetSource(ArraySource):
                          chunk_rows=int(features.array.chunks[0]), meta=meta)
         self.features = features
 
-    def read(self, lo: int, hi: int) -> np.ndarray:
+    def read(self, lo: int, hi: int, out: np.ndarray | None = None) -> np.ndarray:
         """Rows ``[lo, hi)`` through the store's reader, as a C-contiguous (hi-lo, D) float array."""
-        return self.features.read(lo, hi, self.dtype).reshape(hi - lo, self.dim)
+        rows = None if out is None else out.reshape((hi - lo,) + self.shape[1:])
+        return self.features.read(lo, hi, self.dtype, out=rows).reshape(hi - lo, self.dim)
 
 
 class KeptRows(ArraySource):
@@ -152,9 +158,12 @@ class LoadedSource(ArraySource):
         super().__init__(data, label=source.label, ids=source.ids, chunk_rows=1, meta=source.meta)
         self.origin = source
 
-    def read(self, lo: int, hi: int) -> np.ndarray:
-        """A view of rows ``[lo, hi)`` (no copy)."""
-        return self.array[lo:hi]
+    def read(self, lo: int, hi: int, out: np.ndarray | None = None) -> np.ndarray:
+        """A view of rows ``[lo, hi)`` (no copy; copied into ``out`` when given)."""
+        if out is None:
+            return self.array[lo:hi]
+        out[...] = self.array[lo:hi]
+        return out
 
 
 def as_source(obj: Any, label: str) -> ArraySource:
@@ -240,6 +249,6 @@ def load(source: ArraySource, rows: int) -> LoadedSource:
     if isinstance(source, LoadedSource):
         return source
     data = np.empty((source.n, source.dim), dtype=source.dtype)
-    for lo, block in prefetch(source.iter_blocks(rows)):
-        data[lo:lo + len(block)] = block
+    for lo, hi in source.block_ranges(rows):  # decoded in place: no block is held twice
+        source.read(lo, hi, out=data[lo:hi])
     return LoadedSource(source, data)

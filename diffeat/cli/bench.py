@@ -22,11 +22,12 @@ def _size(value: str | None) -> tuple[int, int] | None:
 @click.command()
 @click.option("--arch", default="adm256", show_default=True,
               help="Architecture built with random weights (cost is the checkpoint's): adm256, sd15-unet (512 px), "
-              "dit-xl2 (256 px), tiny ... (docs/models.md#random-architectures)")
+              "dit-xl2 (256 px), resnet50, vit-b16 (baselines, 224 px), tiny ... (docs/models.md#random-architectures)")
 @click.option("--model", help="A real model instead of --arch: diffusers folder, built-in name or cached hub id.")
 @click.option("--block", type=int, help="Block, 1-based as in the paper (transformers: 0..depth) [default: 24 on "
               "ADM-sized U-Nets, else the middle block, or transformer block depth/2].")
-@click.option("--t", "t", default=90, show_default=True, type=int, help="Diffusion timestep.")
+@click.option("--t", "t", default=90, show_default=True, type=int, help="Diffusion timestep (not used by vision "
+              "backbones: random:resnet50, random:vit-b16 ...).")
 @click.option("--batch-size", default="auto", show_default=True, type=BATCH_SIZE,
               help="Images per batch, or auto (largest power of two that fits GPU memory; 32 on CPU).")
 @click.option("--resolution", type=int, help="Input resolution [default: the model's].")
@@ -71,8 +72,9 @@ def format_result(r: dict) -> str:
     shape = "x".join(map(str, r["block_shape"]))
     ratios = r["ratios"]
     loop = r["loop"]
+    at_t = "" if r["t"] is None else f" t={r['t']}"  # vision backbones have no t
     lines = [
-        f"{r['model']} block {r['block']} ({r['module']}, {shape}) t={r['t']} at {r['resolution']} px on {r['device']}",
+        f"{r['model']} block {r['block']} ({r['module']}, {shape}){at_t} at {r['resolution']} px on {r['device']}",
         (f"dtype {r['dtype']}, batch {r['batch_size']} (micro {r['micro_batch']}), compiled {r['compiled']}, "
          f"torch {r['torch']}, {r['threads']} threads"),
         (f"FLOPs: {r['gflop_per_image']:.2f} GFLOP/img truncated, {r['gflop_per_image_full']:.2f} full forward"

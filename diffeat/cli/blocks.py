@@ -8,16 +8,17 @@ from diffeat.cli.options import echo_json
 
 
 @click.command()
-@click.option("--model", required=True, help="diffusers folder or pipeline folder, built-in name, random:<arch>, "
-              "or a cached hub id.")
+@click.option("--model", required=True, help="diffusers folder or pipeline folder, transformers vision backbone "
+              "folder, built-in name, random:<arch>, or a cached hub id.")
 @click.option("--resolution", type=int, help="Input resolution in pixels (default: the model's).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of {block, module, channels, height, width}.")
 def blocks(model, resolution, as_json):
     """Show what block N is: module, channels and resolution.
 
     U-Nets are numbered 1-based, as in the paper; diffusion transformers from 0 (the patch
-    embedding) to their depth. Latent models' shapes are in latent space. A `random:<arch>`
-    is built on the meta device (no memory).
+    embedding) to their depth; vision backbones (ResNet, ViT, DINOv2, CLIP) as their
+    hidden_states: 0 the stem or patch embedding, N stage or layer N. Latent models' shapes
+    are in latent space. A `random:<arch>` is built on the meta device (no memory).
     """
     from diffeat.extract.config import MAX_RESOLUTION
     from diffeat.models.loading import load_model

@@ -21,11 +21,14 @@ from diffeat.cli.options import (
 @click.option("--dataset", required=True, help="Dataset whose features to compare.")
 @click.option("--split", help="Split whose features to compare [default: the only split stored, or the test split of the standard "
               "pair among the stored splits].")
-@click.option("--model", help="Model of the extracted settings (needed when the store holds several).")
+@click.option("--model", help="Model of the extracted settings that name none (needed when the store holds several; "
+              "as stored, or as extract's --model was given).")
 @click.option("--a", "a", multiple=True, metavar="SETTING",
-              help="Row setting(s): block=24,t=90,pool=1 or an import name (name=resnet50). Repeatable.")
+              help="Row setting(s): block=24,t=90,pool=1, model=random:resnet50,block=3,pool=1 (a model without t), "
+              "block=0-4 or block=* (every stored block), or an import name (name=resnet50). Repeatable.")
 @click.option("--b", "b", multiple=True, metavar="SETTING",
-              help="Column setting(s) (default: the rows). One --a and one --b: a single CKA value.")
+              help="Column setting(s) (default: the rows), of any model in the store. One --a and one --b: a single "
+              "CKA value.")
 @click.option("--block", "--blocks", "blocks", multiple=True, cls=HiddenAliases,
               help="Row settings from a grid: blocks (1-37, 19,24 or repeated) ...")
 @click.option("--t", "ts", multiple=True, help="... times timesteps (e.g. 10,90,300) ...")
@@ -70,6 +73,8 @@ def cka(as_json, **options):
       diffeat cka --store feats.zarr --dataset cub --a block=24,t=90,pool=1 --b block=19,t=90,pool=1
       diffeat cka --store feats.zarr --dataset cub --block 1-37 --t 90 --pool 1 --out cka/
       diffeat cka --store feats.zarr --dataset cub --block 1-37 --t 90 --b resnet50 --out cka/
+      diffeat cka --store feats.zarr --dataset cub --block 1-37 --t 90 --pool 1 \\
+          --b "model=microsoft/resnet-50,block=*,pool=1" --out cka/
       diffeat cka --store feats.zarr --dataset cub --block 1-37 --t 90 --pool 1 --workers 8
     """
     from diffeat.cka import CkaConfig, run_cka

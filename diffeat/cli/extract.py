@@ -18,11 +18,13 @@ from diffeat.cli.options import (
               "imagefolder, imagenet, digits (built in).")
 @click.option("--root", type=click.Path(file_okay=False), help="Dataset root folder (not needed for digits).")
 @click.option("--model", required=True, help="diffusers U-Net or pipeline folder (any family: pixel or latent "
-              "U-Net, DiT, PixArt, SD3), built-in name, random:<arch>, or a cached hub id. Never downloads.")
+              "U-Net, DiT, PixArt, SD3), a transformers vision backbone folder (ResNet, ConvNeXt, ViT, DINOv2, CLIP), "
+              "built-in name, random:<arch>, or a cached hub id. Never downloads.")
 @click.option("--block", "blocks", multiple=True, required=True, help="Block number(s), 1-based as in the paper; "
-              "transformers 0 (patch embedding) .. depth (repeat, or 19,24, or 20-30; `diffeat blocks` lists them).")
-@click.option("--t", "ts", multiple=True, required=True, help="The model's training timestep(s) 0..999, noised "
-              "with its own schedule (repeat or comma list).")
+              "transformers 0 (patch embedding / stem) .. depth (repeat, or 19,24, or 20-30; `diffeat blocks` lists "
+              "them).")
+@click.option("--t", "ts", multiple=True, help="The model's training timestep(s) 0..999, noised with its own "
+              "schedule (repeat or comma list). Required for diffusion models; vision backbones take none.")
 @click.option("--pool", "pools", multiple=True, default=("1",), show_default=True,
               help="Adaptive average pool size(s) k (features are C x k x k).")
 @click.option("--store", required=True, help="Feature store: a path or fsspec URL (s3://bucket/prefix).")
@@ -67,9 +69,11 @@ def extract(as_json, **options):
     resume.
 
     \b
-    Example:
+    Examples:
       diffeat extract --dataset cub --root /data/CUB_200_2011 --model /models/adm256 \\
           --block 24 --t 90 --t 150 --pool 1 --pool 2 --store feats.zarr
+      diffeat extract --dataset cub --root /data/CUB_200_2011 --model microsoft/resnet-50 \\
+          --block 0-4 --store feats.zarr          # a baseline: no --t
     """
     from diffeat.extract import ExtractConfig, run_extract
 
@@ -80,7 +84,8 @@ def extract(as_json, **options):
         echo_json(report.as_dict())
         return
     for s in report.settings:
-        click.echo(f"{s.outcome:10s} {s.split:8s} block {s.block:>2} t {s.t:>3} pool {s.pool}  "
+        t = "" if s.t is None else f" t {s.t:>3}"
+        click.echo(f"{s.outcome:10s} {s.split:8s} block {s.block:>2}{t} pool {s.pool}  "
                    f"{'x'.join(map(str, s.shape)):>18}  {s.path}")
     if report.skipped:
         ids = ", ".join(s["id"] for s in report.skipped[:5]) + (" ..." if len(report.skipped) > 5 else "")

@@ -12,6 +12,7 @@ from diffeat.cli.options import (
 )
 
 HEAD_NAMES = ("linear", "mlp", "cnn", "attention", "knn", "logistic")  # checked again by the library registry
+RECIPES = ("lbfgs", "paper")  # diffeat.probe.config.RECIPES (not imported: --help stays instant)
 
 #: Per-head flags, folded into the record's ``head_options`` field: parameter -> (head, option).
 HEAD_FLAGS = {"linear_bn": ("linear", "batchnorm"), "mlp_hidden": ("mlp", "hidden"), "cnn_width": ("cnn", "width"),
@@ -48,6 +49,9 @@ def _floats(values: tuple[str, ...], option: str) -> list[float] | None:
 @click.option("--head", "heads", multiple=True, metavar="HEAD",
               help=f"Head(s) to train, repeatable: {', '.join(HEAD_NAMES)} [default: linear]. Trained heads "
               "share one pass over the data.")
+@click.option("--recipe", type=click.Choice(RECIPES), default="lbfgs", show_default=True,
+              help="How the linear head is trained: lbfgs (full-batch L-BFGS logistic regression, C chosen on "
+              "validation along a warm-started path, refit) or paper (the one-pass SGD grid over lr x wd).")
 @click.option("--train-split", help="Split to train on [default: the dataset's standard pair among the stored "
               "splits: train/test, trainval/test for flowers and aircraft, train/val for imagenet ...].")
 @click.option("--test-split", help="Split to test on [default: as --train-split].")
@@ -72,7 +76,8 @@ def _floats(values: tuple[str, ...], option: str) -> list[float] | None:
 @click.option("--attn-heads", type=int, help="attention: attention heads [default: 8].")
 @click.option("--knn-k", default=20, show_default=True, type=int, help="knn: neighbours.")
 @click.option("--knn-t", "knn_temperature", default=0.07, show_default=True, type=float, help="knn: temperature.")
-@click.option("--C", "cs", multiple=True, help="logistic: C values to search [default: 1e-5 ... 10].")
+@click.option("--C", "cs", multiple=True, help="logistic, and linear with --recipe lbfgs: C values to search "
+              "[default: 1e-5 ... 10].")
 @click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto.")
 @click.option("--memory-budget", help="RAM a split may take before it is streamed from the store, e.g. 8G "
               "[default: 60% of available memory].")
@@ -126,9 +131,11 @@ def probe(as_json, linear_bn, mlp_hidden, cnn_width, cnn_depth, attn_dim, attn_d
 
 def _print_table(report) -> None:
     """A short fixed-width table: one line per (setting, head)."""
+    from diffeat.store.layout import setting_label
+
     rows = [("model", "setting", "head", "top1", "top5", "val_top1", "chosen", "seconds")]
     for r in report.results:
-        setting = r.name or f"b{r.block}/t{r.t}/p{r.pool}"
+        setting = setting_label(r.block, r.t, r.pool, r.name)
         hp = r.hparams
         chosen = (f"lr={hp['lr']:g} wd={hp['wd']:g}" if "lr" in hp else f"C={hp['C']:g}" if "C" in hp
                   else f"k={hp.get('k')}")

@@ -21,8 +21,9 @@ when the dtype is not float32, the per-sample cosine between the block's
 features at that dtype and in float32. Timings use warm-up iterations, device
 synchronisation around each timed iteration, and medians.
 
-A random-weight model (``random:adm256``, ``random:sd15-unet``, ``random:dit-xl2``) costs
-exactly what the real checkpoint costs, so anyone can benchmark without downloading it.
+A random-weight model (``random:adm256``, ``random:sd15-unet``, ``random:dit-xl2``, and the
+baselines ``random:resnet50``, ``random:vit-b16``: no t) costs exactly what the real checkpoint
+costs, so anyone can benchmark without downloading it.
 """
 
 from __future__ import annotations
@@ -264,7 +265,9 @@ def bench(
     if model is None:
         check_choice(arch, sorted(random_architectures()), "--arch", error=ModelError)
     shape_only = load_model(spec, device="meta").model
-    shape_only.schedule.check_timestep(t)
+    noised = shape_only.schedule is not None  # vision backbones take no t: their loop runs without --t
+    if noised:
+        shape_only.schedule.check_timestep(t)
     res = resolution or shape_only.native_resolution
     table = shape_only.block_table(res)
     if block is None:
@@ -284,7 +287,8 @@ def bench(
             wall, cpu = time.perf_counter(), _cpu_seconds()
             with observe_loop() as runs:
                 report = extract(dataset="imagefolder", root=str(root), splits=["train"], model=spec,
-                                 blocks=[block], ts=[t], pools=[1], store=str(Path(tmp) / f"feats{r}.zarr"),
+                                 blocks=[block], ts=[t] if noised else [], pools=[1],
+                                 store=str(Path(tmp) / f"feats{r}.zarr"),
                                  batch_size=batch_size, device=str(dev), dtype=dtype, num_workers=num_workers,
                                  resolution=res, compile=compile, progress=False)
             rates = _loop_rates(runs, report, time.perf_counter() - wall)
@@ -315,7 +319,7 @@ def bench(
     card_peak = peak if peak is not None else peak_tflops(dev)
     return {
         "model": spec, "block": block, "module": info.module,
-        "block_shape": [info.channels, info.height, info.width], "t": t, "resolution": res,
+        "block_shape": [info.channels, info.height, info.width], "t": t if noised else None, "resolution": res,
         "device": torch.cuda.get_device_name(dev) if cuda else "cpu", "torch": torch.__version__,
         "threads": loop["threads"], "dtype": dtype, "compiled": loop["compiled"],
         "batch_size": loop["batch_size"], "micro_batch": loop["micro_batch"], "images": images,

@@ -38,8 +38,8 @@ class ExtractConfig(StageConfig):
     dataset: str
     model: str
     blocks: tuple[int, ...]
-    ts: tuple[int, ...]
     store: str
+    ts: tuple[int, ...] = ()  # required for diffusion models, refused for vision backbones (checked against the model)
     pools: tuple[int, ...] = (1,)
     storage_options: dict | None = field(default=None, hash=False, metadata={"secret": True})
     root: str | None = None
@@ -80,8 +80,8 @@ class ExtractConfig(StageConfig):
         self._set("splits", as_strs(self.splits))
         if not self.blocks:
             raise DiffeatError("give at least one --block")
-        if not self.ts:
-            raise DiffeatError("give at least one --t")
+        # Whether --t is needed depends on the model (diffusion models: yes; vision backbones: no), which the
+        # record does not load: extract.run.check_timesteps decides from the model's config files.
         for t in self.ts:
             check_timestep(t)
         for k in self.pools:
@@ -104,6 +104,10 @@ class ExtractConfig(StageConfig):
         from diffeat.runtime.cluster import check_cluster_options
 
         check_cluster_options(self.scheduler, self.workers)
+
+    def setting_ts(self) -> tuple[int | None, ...]:
+        """The t of each setting: ``ts``, or ``(None,)`` for a model without a timestep (no ``--t`` given)."""
+        return self.ts or (None,)
 
     def for_workers(self) -> ExtractConfig:
         """The record as a process on another machine must read it: local paths made absolute."""

@@ -39,7 +39,7 @@ logger = logging.getLogger(__name__)
 class SettingJob:
     """One setting to write, as the coordinator created it."""
 
-    key: tuple[int, int, int]  # (block, t, pool)
+    key: tuple[int, int | None, int]  # (block, t, pool); t None: a model without a timestep
     path: str
     shape: tuple[int, ...]
     attrs: dict = field(hash=False, compare=False)

@@ -40,7 +40,7 @@ import torch.nn.functional as F
 
 from diffeat.errors import DiffeatError
 from diffeat.extract.config import COMPUTE_DTYPE_NAMES
-from diffeat.extract.loader import ImagesAndNoise, NoisedImages, bad_images, make_loader
+from diffeat.extract.loader import ImagesAndNoise, NoisedImages, PreprocessedImages, bad_images, make_loader
 from diffeat.runtime.progress import Progress
 from diffeat.store.writer import BackgroundWriter
 
@@ -249,13 +249,16 @@ def run_forward(work: SplitWork, rows: np.ndarray, writers: dict[tuple[int, int,
     progress bar shared by several calls (one per task); without it, this call makes its own.
     """
     c, model, tab, res, dev = work.config, work.model, work.tab, work.res, work.dev
-    blocks, ts, pools, dtype, draws, num_workers = c.blocks, c.ts, c.pools, c.dtype, c.noise_draws, work.num_workers
+    blocks, ts, pools, dtype, draws = c.blocks, c.setting_ts(), c.pools, c.dtype, c.noise_draws
+    num_workers = work.num_workers
     prepared = work.forwards.get(model, blocks, dev, dtype, c.compile)
     batch_size = c.batch_size
     if batch_size == "auto":
         batch_size = auto_batch_size(prepared, model, dev, res, dtype, len(ts) * draws)
     cuda = dev.type == "cuda"
-    if model.latent:
+    if model.schedule is None:  # a vision backbone: its own preprocessing, no noise, no t
+        dataset = PreprocessedImages(tab, rows, model.preprocessing.at(res))
+    elif model.latent:
         dataset = ImagesAndNoise(tab, rows, res, model.input_shape(res), ts, c.seed, draws)
     else:
         dataset = NoisedImages(tab, rows, res, ts, c.seed, draws, schedule=model.schedule)
@@ -383,11 +386,12 @@ def _to_host(results: dict, cuda: bool) -> tuple[dict, object]:
     return host, event
 
 
-def forward_pooled(fwd, x: torch.Tensor, t: int, blocks, pools, micro: int, autocast, *, pad: bool | None = None
-                   ) -> dict[tuple[int, int], torch.Tensor]:
+def forward_pooled(fwd, x: torch.Tensor, t: int | None, blocks, pools, micro: int, autocast, *,
+                   pad: bool | None = None) -> dict[tuple[int, int], torch.Tensor]:
     """Pooled features {(block, k): (B, C, k, k) float32} of a batch, in micro-batches of ``micro`` rows.
 
-    ``fwd(x, t)`` returns ``{block: activation}`` (``TruncatedUNet``, compiled or not).
+    ``fwd(x, t)`` returns ``{block: activation}`` (``TruncatedUNet``, compiled or not); ``t`` is None
+    for a model without a timestep (a vision backbone).
     ``pad`` (default: off CUDA) pads the last micro-batch to ``micro`` rows with zeros.
     """
     cuda = x.device.type == "cuda"
@@ -397,7 +401,7 @@ def forward_pooled(fwd, x: torch.Tensor, t: int, blocks, pools, micro: int, auto
     for chunk, real in _micro_batches(x, micro, pad):
         if cuda:
             chunk = chunk.contiguous(memory_format=torch.channels_last)
-        tt = torch.full((chunk.shape[0],), t, device=x.device, dtype=torch.long)
+        tt = None if t is None else torch.full((chunk.shape[0],), t, device=x.device, dtype=torch.long)
         with autocast:
             acts = fwd(chunk, tt)
         for b in blocks:

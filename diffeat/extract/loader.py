@@ -1,10 +1,12 @@
 """Image batches for the forward loop: decoding, preprocessing and noise run in DataLoader workers.
 
-Two kinds, by model family:
+Three kinds, by model family:
 
 * pixel-space models (``NoisedImages``): the worker noises the image itself, x_t per t and draw;
 * latent models (``ImagesAndNoise``): the worker returns the clean image and the noise, drawn in
-  the latent shape; the VAE encodes the batch on the extract device and x_t is formed there.
+  the latent shape; the VAE encodes the batch on the extract device and x_t is formed there;
+* vision backbones (``PreprocessedImages``): the image through the model's own preprocessing,
+  no noise.
 
 Either way ε is seeded per (seed, sample id, t, draw), so a row's values never depend on which
 batch or worker produced it.
@@ -12,7 +14,7 @@ batch or worker produced it.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -25,6 +27,8 @@ from diffeat.models.noise import sample_noise
 from diffeat.models.schedules import ADM_LINEAR
 
 if TYPE_CHECKING:
+    from PIL.Image import Image
+
     from diffeat.data.table import SampleTable
     from diffeat.models.schedules import NoiseSchedule
 
@@ -91,6 +95,32 @@ class ImagesAndNoise(Dataset):
             return -1 - row, torch.zeros(3, self.resolution, self.resolution), torch.stack(eps)
         x0 = torch.from_numpy(preprocess(image, self.resolution))
         return row, x0, torch.stack(eps)
+
+
+class PreprocessedImages(Dataset):
+    """Rows of a sample table as (row, x (1, 3, R, R)): the image through a model's own ``preprocessing``.
+
+    For models without noise or timestep (vision backbones); the singleton axis stands where
+    ``NoisedImages`` has its (t, draw) axis, so the forward loop treats both alike. An image that
+    cannot be decoded gives ``-1 - row`` and a blank image's input, as ``NoisedImages`` does.
+    """
+
+    def __init__(self, table: SampleTable, rows: np.ndarray, preprocessing: Callable[[Image], np.ndarray]):
+        self.table, self.rows, self.preprocessing = table, np.asarray(rows, dtype=np.int64), preprocessing
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> tuple[int, torch.Tensor]:
+        row = int(self.rows[i])
+        try:
+            image = self.table.load_image(row)
+        except DatasetError:
+            from PIL import Image as PILImage
+
+            blank = self.preprocessing(PILImage.new("RGB", (64, 64)))  # the input's shape, whatever the model's
+            return -1 - row, torch.zeros(blank.shape, dtype=torch.from_numpy(blank).dtype)[None]
+        return row, torch.from_numpy(self.preprocessing(image))[None]
 
 
 def bad_images(table, rows: np.ndarray, policy: str) -> dict[int, dict]:

@@ -11,7 +11,7 @@ class SettingResult:
 
     split: str
     block: int
-    t: int
+    t: int | None  # None: a model without a timestep (a vision backbone)
     pool: int
     path: str
     shape: tuple[int, ...]

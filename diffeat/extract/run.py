@@ -2,9 +2,10 @@
 
 Any model family (``diffeat.models.families``): pixel U-Nets see the noised image,
 latent models its VAE latents, noised with the model's own schedule and run with
-the family's null conditioning. One forward pass per (batch, t, noise draw) captures
-every requested block and stops after the deepest; each block is pooled to every
-requested k. Each
+the family's null conditioning; vision backbones see the image preprocessed by their
+own image processor, without noise, and their settings have no t. One forward pass per
+(batch, t, noise draw) captures every requested block and stops after the deepest; each
+block is pooled to every requested k. Each
 (split, block, t, pool) is one *setting*: one array in the store, identified by a
 hash of everything that determines its values. Complete settings are skipped
 ("cached"); partial ones resume at their first unwritten unit.
@@ -79,6 +80,7 @@ def run_extract(config: ExtractConfig, *, store: FeatureStore | None = None) -> 
     """
     c = config
     dev = resolve_device(c.device)
+    check_timesteps(c)  # from the model's config files: before any data is read
     tables = _sample_tables(c)
     # Read-only credentials fail here, before the model is loaded; nothing is created yet: a run
     # refused below (a block the model lacks, a bad pool size) leaves no store behind.
@@ -111,8 +113,30 @@ def check_extract(config: ExtractConfig) -> None:
     against the model's computed block table.
     """
     resolve_device(config.device)
+    check_timesteps(config)
     _sample_tables(config)
     _load_checked(config)
+
+
+def check_timesteps(config: ExtractConfig) -> None:
+    """``--t`` as the model needs it, decided from its config files alone (no weight, no image is read).
+
+    Diffusion models need at least one t; vision backbones take none (their settings have no
+    t), nor noise draws. A missing weight file or an unsupported ``model_type`` of a vision
+    folder is refused here too (``peek_family``).
+    """
+    from diffeat.models.loading import peek_family
+
+    family = peek_family(config.model)
+    if family.timestep and not config.ts:
+        raise DiffeatError(f"give at least one --t: {config.model} is a {family.name} diffusion model, run on images "
+                           "noised to its training timesteps t (0..999)")
+    if not family.timestep and config.ts:
+        raise DiffeatError(f"--t {config.ts[0]} does not apply to {config.model}: a {family.name} model "
+                           "(a backbone run on the clean image) has no timestep; drop --t")
+    if not family.timestep and config.noise_draws != 1:
+        raise DiffeatError(f"--noise-draws {config.noise_draws} does not apply to {config.model}: a {family.name} "
+                           "model sees the clean image, without noise")
 
 
 def _sample_tables(c: ExtractConfig) -> dict[str, SampleTable]:
@@ -140,6 +164,8 @@ def _load_checked(c: ExtractConfig) -> tuple[LoadedModel, int, list[BlockInfo]]:
     res = c.resolution or loaded.resolution
     table = model.block_table(res)  # refuses a resolution the model cannot take
     check_table_blocks(c.blocks, table)
+    if model.schedule is None and c.ts:  # peek_family decided from the config files; the model agrees
+        raise DiffeatError(f"--t {c.ts[0]} does not apply to {c.model}: a {model.family} model has no timestep")
     for t in c.ts:
         model.schedule.check_timestep(t)  # the record checked 0..999; this is the model's own range
     _check_pools(table, c.blocks, c.pools, res)
@@ -171,16 +197,27 @@ def _check_pools(table: list[BlockInfo], blocks: Sequence[int], pools: Sequence[
                 )
 
 
-def _settings(loaded: LoadedModel, tab: SampleTable, info: BlockInfo, t: int, k: int, res: int, seed: int,
+def _settings(loaded: LoadedModel, tab: SampleTable, info: BlockInfo, t: int | None, k: int, res: int, seed: int,
               draws: int, dtype: str, store_dtype: str) -> dict:
     """Everything that determines a setting's values (and nothing else): its identity.
 
     Pixel U-Nets give exactly the fields every store has recorded (their family adds
     nothing, ADM's schedule is described as it always was), so stores written before
     model families existed keep their settings hash. Other families add a ``family``
-    record: VAE, conditioning, schedule (``FeatureModel.identity``).
+    record: VAE, conditioning, schedule (``FeatureModel.identity``). A model without a
+    timestep (``t`` is None: a vision backbone) has no ``t`` and no ``noise``, and its
+    ``preprocess`` is the rule of its own image processor.
     """
     model = loaded.model
+    if t is None:
+        return {
+            "feature_version": FEATURE_VERSION,
+            "model": {"name": loaded.name, "weights_sha256": loaded.weights_sha256},
+            "dataset": {"name": tab.dataset, "split": tab.split, "manifest_sha256": tab.manifest_sha256()},
+            "block": info.index, "module": info.module, "pool": k, "resolution": res,
+            "preprocess": model.preprocessing.at(res).identity(),
+            "compute_dtype": dtype, "store_dtype": store_dtype, "family": model.identity(res),
+        }
     settings = {
         "feature_version": FEATURE_VERSION,
         "model": {"name": loaded.name, "weights_sha256": loaded.weights_sha256},
@@ -202,7 +239,7 @@ def _extract_split(run: _Run, tab: SampleTable, report: ExtractReport, client: C
     jobs: list[SettingJob] = []
     for b in c.blocks:
         info = block_info(run.table, b)
-        for t in c.ts:
+        for t in c.setting_ts():
             for k in c.pools:
                 settings = _settings(loaded, tab, info, t, k, run.res, c.seed, c.noise_draws, c.dtype, c.store_dtype)
                 digest = settings_hash(settings)

@@ -97,7 +97,8 @@ def _attention_width(shape: tuple[int, ...]) -> dict:
 # probe_cka.md §4.2); a weight-decay axis recovers the points a wd=0 grid loses to tuned-C
 # logistic regression on few-shot-sized datasets. With SGD, wd = 1 / (C · n_train).
 HEADS: dict[str, HeadSpec] = {
-    "linear": HeadSpec("linear", "Linear(C·k², classes) on standardised features (SGD grid)", cls=LinearHead,
+    "linear": HeadSpec("linear", "Linear(C·k², classes) on standardised features (L-BFGS over C, or the SGD grid "
+                       "with --recipe paper)", cls=LinearHead,
                        etas=(5.0, 20.0, 80.0), cs=(1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0), convex=True,
                        options={"batchnorm": False}),
     "mlp": HeadSpec("mlp", "MLP on flattened features, ReLU, hidden widths --mlp-hidden (SGD grid)", cls=MLPHead,

@@ -11,10 +11,12 @@ A model spec is one of:
   ``ARCHITECTURES``, ``sd15-unet``, ``dit-xl2``, ``tiny-sd``, ...) with seeded random weights, for
   tests and benchmarks (features of a random model are not useful); ``device="meta"`` builds it
   without memory where only shapes matter (block tables, FLOP counts);
+* a transformers vision backbone folder (``config.json`` with a ``model_type``, weights,
+  ``preprocessor_config.json``): ResNet, ConvNeXt, ViT, DINOv2, CLIP's vision tower;
 * a Hugging Face hub id, only if it is already in the local cache.
 
 The folder decides the *family* (``diffeat.models.families``): pixel U-Nets, latent U-Nets
-(Stable Diffusion 1.x/2.x/XL), DiT, PixArt, SD3. Nothing is ever downloaded. Weights load from
+(Stable Diffusion 1.x/2.x/XL), DiT, PixArt, SD3, vision backbones. Nothing is ever downloaded. Weights load from
 safetensors or with ``torch.load(weights_only=True)`` (the libraries' own loaders), never an open
 pickle, and strictly: a missing or unexpected weight is an error naming it.
 """
@@ -24,7 +26,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,24 +40,24 @@ from diffeat.models.families import (
     random_architectures,
     supported_families,
 )
-from diffeat.models.families.base import FeatureModel
+from diffeat.models.families.base import FeatureModel, ModelFamily
 from diffeat.models.families.pixel_unet import (
     ARCHITECTURES,
     PixelUNet,
     build_random,
     load_unet,
 )
+from diffeat.models.families.vision import check_folder, is_vision_config
 from diffeat.runtime.checks import check_choice
+from diffeat.store.layout import is_hub_id, model_store_name, safe_name
 
-__all__ = ["ARCHITECTURES", "BUILTIN_MODELS", "LoadedModel", "build_random", "load_model", "safe_name",
-           "weights_sha256"]
+__all__ = ["ARCHITECTURES", "BUILTIN_MODELS", "LoadedModel", "build_random", "load_model", "peek_family",
+           "safe_name", "weights_sha256"]
 
 logger = logging.getLogger(__name__)
 
 #: Built-in pretrained models shipped as package data: name -> folder under diffeat/weights/.
 BUILTIN_MODELS: dict[str, str] = {"digits-ddpm": "digits-ddpm"}
-
-_NAME_RE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
 @dataclass
@@ -95,12 +96,6 @@ class LoadedModel:
         if self.family != "pixel-unet":
             out.update(self.model.describe())
         return out
-
-
-def safe_name(text: str) -> str:
-    """A path-safe slug: letters, digits, '.', '_' and '-' only, never '.' or '..'."""
-    slug = _NAME_RE.sub("-", text).strip("-.") or "model"
-    return slug
 
 
 def _denoiser_name(folder: Path, index: dict) -> tuple[str, str] | None:
@@ -142,9 +137,12 @@ def _load_folder(path: Path, dtype: torch.dtype | None) -> FeatureModel:
             f"{path / 'model_index.json'} (a pipeline folder) or {path / 'unet' / 'config.json'}"
         )
     try:
-        class_name = json.loads(config_file.read_text()).get("_class_name", "UNet2DModel")
+        config = json.loads(config_file.read_text())
     except json.JSONDecodeError as e:
         raise ModelError(f"{config_file} is not valid JSON: {e}") from e
+    if is_vision_config(config):  # a transformers folder (model_type, no _class_name): a vision backbone
+        return FAMILIES["vision"].load(path, {}, dtype)
+    class_name = config.get("_class_name", "UNet2DModel")
     if class_name in FAMILIES["pixel-unet"].denoiser_classes:
         return PixelUNet(load_unet(path, None, dtype))
     if any(class_name in f.denoiser_classes for f in FAMILIES.values()):
@@ -160,13 +158,14 @@ def _random_names() -> str:
     return ", ".join(sorted(random_architectures()))
 
 
-def _load_cached_hub(repo_id: str, dtype: torch.dtype | None) -> FeatureModel:
+def _cached_hub_folder(repo_id: str) -> Path:
+    """The local snapshot of a hub id in the Hugging Face cache (never downloaded), or a ``ModelError`` saying how."""
     try:
         from huggingface_hub import snapshot_download
 
         # Read the cache location now, not at import time, so HF_HUB_CACHE set later still counts.
         cache_dir = os.environ.get("HF_HUB_CACHE") or None
-        folder = Path(snapshot_download(repo_id, local_files_only=True, cache_dir=cache_dir))
+        return Path(snapshot_download(repo_id, local_files_only=True, cache_dir=cache_dir))
     except Exception as e:
         raise ModelError(
             f"--model {repo_id!r} is not a local folder, a built-in name "
@@ -175,7 +174,60 @@ def _load_cached_hub(repo_id: str, dtype: torch.dtype | None) -> FeatureModel:
             "diffeat never downloads weights; fetch them yourself, e.g. "
             f"`huggingface-cli download {repo_id}`, or pass the folder path"
         ) from e
-    return _load_folder(folder, dtype)
+
+
+def _load_cached_hub(repo_id: str, dtype: torch.dtype | None) -> FeatureModel:
+    return _load_folder(_cached_hub_folder(repo_id), dtype)
+
+
+def _folder_family(path: Path) -> ModelFamily:
+    """The family of a folder from its JSON files alone (no weight is read); a vision folder is checked whole."""
+    if (path / "model_index.json").is_file() or (path / "unet" / "config.json").is_file():
+        index = read_model_index(path) if (path / "model_index.json").is_file() else {}
+        found = _denoiser_name(path, index)
+        if found is None:
+            return _load_pipeline(path, None).family  # raises the loader's own error
+        has_vae = declared(index, "vae") is not None or (path / "vae").is_dir()
+        return family_for(found[1], has_vae)
+    config_file = path / "config.json"
+    if config_file.is_file():
+        try:
+            config = json.loads(config_file.read_text())
+        except json.JSONDecodeError as e:
+            raise ModelError(f"{config_file} is not valid JSON: {e}") from e
+        if is_vision_config(config):
+            check_folder(path, config)
+            return FAMILIES["vision"]
+        class_name = config.get("_class_name", "UNet2DModel")
+        if class_name in FAMILIES["pixel-unet"].denoiser_classes:
+            return FAMILIES["pixel-unet"]
+        if (path.parent / "model_index.json").is_file():  # transformer/ of a pipeline: the pipeline is meant
+            return _folder_family(path.parent)
+    _load_folder(path, None)  # anything else: the loader's own one-line error
+    raise ModelError(f"internal: {path} loaded without a family")
+
+
+def peek_family(spec: str) -> ModelFamily:
+    """The family of the model ``spec`` names, read from its config files without loading any weight.
+
+    Cheap (JSON files only), so a stage can refuse options that do not fit the model (``--t``
+    for a vision backbone, none for a diffusion model), a missing weight file or an unsupported
+    ``model_type`` before it reads any data. Raises the loader's one-line errors.
+    """
+    path = Path(spec).expanduser()
+    if spec.startswith("random:"):
+        families = random_architectures()
+        arch = spec.split(":", 1)[1]
+        check_choice(arch, sorted(families), "random:<arch>", error=ModelError)
+        return families[arch]
+    if spec in BUILTIN_MODELS:
+        return FAMILIES["pixel-unet"]
+    if path.is_dir():
+        return _folder_family(path)
+    if is_hub_id(spec) and not path.exists():
+        return _folder_family(_cached_hub_folder(spec))
+    load_model(spec, device="meta")  # the loader's own error for a file or an unknown name
+    raise ModelError(f"internal: {spec} has no family")
 
 
 def build_random_model(arch: str, device: str = "cpu") -> FeatureModel:
@@ -195,7 +247,7 @@ def load_model(spec: str, *, dtype: torch.dtype | None = None, device: str = "cp
     path = Path(spec).expanduser()
     if spec.startswith("random:"):
         arch = spec.split(":", 1)[1]
-        model, name = build_random_model(arch, device), f"random-{safe_name(arch)}"
+        model, name = build_random_model(arch, device), model_store_name(spec)
     elif spec in BUILTIN_MODELS:
         folder = Path(__file__).resolve().parent.parent / "weights" / BUILTIN_MODELS[spec]
         model, name = _load_folder(folder, dtype), spec
@@ -205,9 +257,9 @@ def load_model(spec: str, *, dtype: torch.dtype | None = None, device: str = "cp
                 f"--model {spec}: is a file; pass a diffusers model folder "
                 "(convert guided-diffusion checkpoints first with `diffeat convert-adm`)"
             )
-        model, name = _load_folder(path, dtype), safe_name(path.resolve().name)
-    elif "/" in spec and not spec.startswith((".", "/", "~")) and spec.count("/") == 1:
-        model, name = _load_cached_hub(spec, dtype), safe_name(spec.replace("/", "--"))
+        model, name = _load_folder(path, dtype), model_store_name(spec)
+    elif is_hub_id(spec):
+        model, name = _load_cached_hub(spec, dtype), model_store_name(spec)
     else:
         raise ModelError(
             f"--model {spec!r}: no such folder, and not a built-in name "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import textwrap
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -67,8 +68,8 @@ def heatmap(matrix: np.ndarray, row_labels: Sequence[str], col_labels: Sequence[
         ax.set_xlabel(xlabel)
     if ylabel:
         ax.set_ylabel(ylabel)
-    if title:
-        ax.set_title(title, fontsize=10)
+    if title:  # wrapped to the figure's width (about 11 characters per inch at 10 pt)
+        ax.set_title(textwrap.fill(title, max(30, int(11 * width))), fontsize=10)
     bar = fig.colorbar(image, ax=ax, fraction=0.05, pad=0.02)
     if cbar_label:
         bar.set_label(cbar_label)

@@ -44,7 +44,7 @@ class Cell:
     """One probed setting's numbers (accuracies as fractions)."""
 
     block: int
-    t: int
+    t: int | None  # None: a model without a timestep (a vision backbone)
     test: float
     test_top5: float
     val: float
@@ -61,7 +61,8 @@ def collect_cells(results_csvs: list[str], metric: str = "top1") -> dict[tuple, 
     for r in rows:
         if not r.get("block") or r.get("selected") != "True":
             continue  # imported feature sets have no block/t: nothing to place in a block × t map
-        key = (r["dataset"], r["model"], r["head"], int(r["pool"]), int(r["block"]), int(r["t"]))
+        t = int(r["t"]) if r["t"] else None  # none: a model without a timestep (a vision backbone)
+        key = (r["dataset"], r["model"], r["head"], int(r["pool"]), int(r["block"]), t)
         if r["split"] == "test" and r["metric"] in (metric, "top5"):
             test.setdefault(key, {"hparams": r["hparams"]})[r["metric"]] = r["value"]
         elif r["split"] == "val" and r["metric"] == metric:
@@ -141,7 +142,8 @@ def write_report(*, records: list[dict], out: str | Path, cka_records: list[dict
         lines += [f"## {'Other settings' if files else 'Settings'}", "",
                   f"Test {metric} (%) with the hyperparameters chosen on validation:", "",
                   "| dataset | model | head | pool | block | t | test | validation |", "|---|---|---|---|---|---|---|---|"]
-        lines += [f"| {g[0]} | {g[1]} | {g[2]} | {g[3]} | {c.block} | {c.t} | {100 * c.test:.2f} | {100 * c.val:.2f} |"
+        lines += [f"| {g[0]} | {g[1]} | {g[2]} | {g[3]} | {c.block} | {'–' if c.t is None else c.t} | "
+                  f"{100 * c.test:.2f} | {100 * c.val:.2f} |"
                   for g, c in singles]
         lines.append("")
     files["results"] = str(_write_results(out / "results.csv", groups, metric))
@@ -166,22 +168,28 @@ def _group_section(group: tuple, cells: list[Cell], by_test: Cell, by_val: Cell,
 
     dataset, model, head, pool = group
     blocks, ts, m = grid_of(cells)
-    heatmap(100 * m, [str(b) for b in blocks], [str(t) for t in ts], png,
+    heatmap(100 * m, [str(b) for b in blocks], ["–" if t is None else str(t) for t in ts], png,
             title=f"{head} probe, test {metric} (%): {model} on {dataset}, pool {pool}",
-            cbar_label=f"test {metric} (%)", xlabel="timestep t", ylabel="block", cmap="viridis", fmt="{:.1f}",
+            cbar_label=f"test {metric} (%)", xlabel="timestep t" if ts != [None] else "(no timestep)",
+            ylabel="block", cmap="viridis", fmt="{:.1f}",
             mark=(blocks.index(by_test.block), ts.index(by_test.t)))
     names = _block_names(records, group, [by_test.block])
     what = f" ({names[by_test.block]})" if by_test.block in names else ""
     lines = [f"## {model} on {dataset}: {head} head, pool {pool}", "",
-             (f"**Best: block {by_test.block}{what}, t = {by_test.t}: {100 * by_test.test:.1f}% test {metric}** "
+             (f"**Best: block {by_test.block}{what}{_at(by_test.t)}: {100 * by_test.test:.1f}% test {metric}** "
               f"(the highest test accuracy of the {len(blocks)} blocks × {len(ts)} timesteps probed, as the "
               "paper's ablation figures report it)."), ""]
     if (by_val.block, by_val.t) != (by_test.block, by_test.t):
-        lines += [(f"Choosing on the validation split instead picks block {by_val.block}, t = {by_val.t} "
+        lines += [(f"Choosing on the validation split instead picks block {by_val.block}{_at(by_val.t)} "
                    f"({100 * by_val.val:.1f}% validation, {100 * by_val.test:.1f}% test)."), ""]
     else:
         lines += ["Choosing on the validation split picks the same setting.", ""]
     return lines + [f"![accuracy]({png.name})", "", _markdown_table(blocks, ts, m, metric), ""]
+
+
+def _at(t: int | None) -> str:
+    """``", t = 90"``, or nothing for a setting without a timestep."""
+    return "" if t is None else f", t = {t}"
 
 
 def _write_results(path: Path, groups: dict[tuple, list[Cell]], metric: str) -> Path:
@@ -202,7 +210,7 @@ def _write_results(path: Path, groups: dict[tuple, list[Cell]], metric: str) -> 
 def _markdown_table(blocks: list[int], ts: list[int], m: np.ndarray, metric: str) -> str:
     """The matrix as a markdown table (percent, one decimal; the best cell in bold)."""
     best = np.nanmax(m) if np.isfinite(m).any() else np.nan
-    head = "| block \\ t | " + " | ".join(str(t) for t in ts) + " |"
+    head = "| block \\ t | " + " | ".join("–" if t is None else str(t) for t in ts) + " |"
     rule = "|---" * (len(ts) + 1) + "|"
     body = []
     for b, row in zip(blocks, m):

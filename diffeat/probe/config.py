@@ -15,6 +15,12 @@ from diffeat.runtime.stageconfig import StageConfig, as_floats, as_ints, as_strs
 
 #: How features are standardised before a head sees them (statistics from training rows only).
 STANDARDIZE_MODES = ("feature", "channel", "none")
+#: How the linear head is trained: ``lbfgs`` (full-batch L-BFGS multinomial logistic regression
+#: along a warm-started C path, ``diffeat.probe.lbfgs``) or ``paper`` (the one-pass SGD grid over
+#: learning rate × weight decay, as the paper trains its heads).
+RECIPES = ("lbfgs", "paper")
+#: The heads trained by SGD/AdamW whatever the recipe (``--lr``/``--wd`` apply to them).
+_GRID_ONLY_HEADS = ("mlp", "cnn", "attention")
 
 
 @dataclass(frozen=True)
@@ -40,6 +46,7 @@ class ProbeConfig(StageConfig):
     ts: tuple[int, ...] = ()
     pools: tuple[int, ...] = ()
     heads: tuple[str, ...] = ("linear",)
+    recipe: str = "lbfgs"
     train_split: str | None = None  # None: the dataset's standard pair among the stored splits
     test_split: str | None = None
     val_fraction: float = 0.1
@@ -80,6 +87,7 @@ class ProbeConfig(StageConfig):
         for h in self.heads:
             get_head(h)
         check_choice(self.standardize, STANDARDIZE_MODES, "--standardize")
+        check_choice(self.recipe, RECIPES, "--recipe")
         if self.epochs < 1 or self.batch_size < 2 or self.min_steps < 0:
             raise DiffeatError(f"--epochs must be >= 1, --batch-size >= 2 and --min-steps >= 0 "
                                f"(got {self.epochs}, {self.batch_size}, {self.min_steps})")
@@ -97,6 +105,13 @@ class ProbeConfig(StageConfig):
         for h in options:
             get_head(h)
         self._set("head_options", options)
+        if self.recipe == "lbfgs" and "linear" in self.heads:
+            if options.get("linear", {}).get("batchnorm"):
+                raise DiffeatError("--linear-bn belongs to the SGD grid (BatchNorm statistics of minibatches): use "
+                                   "--recipe paper, or keep --recipe lbfgs with --standardize feature")
+            if (self.lrs is not None or self.wds is not None) and not set(self.heads) & set(_GRID_ONLY_HEADS):
+                raise DiffeatError("--lr and --wd set the SGD grid of --recipe paper; the lbfgs recipe's linear head "
+                                   "searches C (--C): drop them, or use --recipe paper")
         if self.memory_budget is not None:
             memory_budget(self.memory_budget)  # a bad size fails here, not after the store is opened
         if self.threads is not None:

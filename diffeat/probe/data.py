@@ -25,6 +25,7 @@ import torch
 from diffeat.errors import DiffeatError
 from diffeat.probe.config import STANDARDIZE_MODES
 from diffeat.runtime.checks import check_choice
+from diffeat.store.fastread import read_rows
 from diffeat.store.streaming import RunningMoments, aligned_rows, block_ranges, prefetch
 
 if TYPE_CHECKING:
@@ -157,7 +158,7 @@ class StreamedRows(RowSource):
     def _read(self, lo: int, hi: int) -> np.ndarray:
         if self.read is not None:
             return self.read(lo, hi, np.float32)
-        return np.asarray(self.array[lo:hi], dtype=np.float32)
+        return read_rows(self.array, lo, hi, np.float32)
 
     def _selected(self, rows: np.ndarray, order: list[int]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         """Read the blocks in ``order`` (one read ahead in a thread) and keep the rows in ``rows``."""
@@ -166,7 +167,7 @@ class StreamedRows(RowSource):
         blocks = ((lo, hi, self._read(lo, hi)) for lo, hi in wanted)
         for lo, hi, block in prefetch(blocks, name="diffeat-probe-read"):
             r = rows[np.searchsorted(rows, lo):np.searchsorted(rows, hi)]
-            yield r, block[r - lo]
+            yield r, block if len(r) == hi - lo else block[r - lo]  # every row wanted: no copy
 
     def blocks(self, rows: np.ndarray) -> Iterator[tuple[np.ndarray, np.ndarray]]:
         yield from self._selected(rows, list(range(len(self.ranges))))
@@ -224,7 +225,7 @@ def make_source(features: FeatureSet, budget: int, device: torch.device, *, bloc
             where = device if nbytes * 1.25 < free else where
         logger.debug("loading %s (%s, %.1f MiB) into %s", features.info.path, features.info.split,
                     nbytes / 2**20, where)
-        return InMemoryRows(features.load(features.array.dtype), features.labels, where)
+        return InMemoryRows(features.read(0, len(features), None), features.labels, where)
     row_bytes = 4 * int(np.prod(features.array.shape[1:]))
     if buffer_rows is None:
         buffer_rows = max(block_rows, budget // 4 // max(1, row_bytes))

@@ -25,6 +25,7 @@ from diffeat.probe.train import (
     predict,
     train,
 )
+from diffeat.store.layout import setting_label
 from diffeat.store.streaming import RunningMoments
 
 if TYPE_CHECKING:
@@ -105,7 +106,7 @@ def trained_heads(specs: list[HeadSpec], train_src: RowSource, test_src: RowSour
     trainers = make_trainers(points, shape, k, o.device)
     logger.debug("training %d heads in one pass: %s", len(points),
                 ", ".join(f"{s.name} x{sum(p.spec is s for p in points)}" for s in specs))
-    label = base.get("name") or f"b{base.get('block')}/t{base.get('t')}/p{base.get('pool')}"
+    label = setting_label(base.get("block"), base.get("t"), base.get("pool"), base.get("name"))
     seconds = train(train_src, fit_rows, trainers, std_fit, epochs=epochs, batch_size=batch,
                     seed=o.config.seed, device=o.device, desc=f"probe {label}: grid", progress=o.config.progress)
     modules = exported(points, trainers)
@@ -181,7 +182,7 @@ def _log_diverged(points: list[GridPoint], diverged: list[bool], base: dict) -> 
         bad = [points[i] for i in idx if diverged[i]]
         if bad:
             lrs = ", ".join(f"{lr:g}" for lr in sorted({p.lr for p in bad}))
-            label = base.get("name") or f"b{base.get('block')}/t{base.get('t')}/p{base.get('pool')}"
+            label = setting_label(base.get("block"), base.get("t"), base.get("pool"), base.get("name"))
             logger.warning("%s: %d of %d %s grid points diverged (lr %s): never chosen; --lr sets smaller rates",
                            label, len(bad), len(idx), name, lrs)
 

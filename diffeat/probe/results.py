@@ -71,7 +71,7 @@ def save_heads(run_dir: Path, train_fs: FeatureSet, outcomes: list[tuple[HeadRes
     for r, module in outcomes:
         if module is None:
             continue
-        stem = f"{info.model}_{info.dataset}_{info.name or f'b{info.block}_t{info.t}_p{info.pool}'}_{r.head}"
+        stem = f"{info.model}_{info.dataset}_{info.label().replace('/', '_')}_{r.head}"
         path = save_probe(folder / f"{stem}.safetensors", module, head=r.head,
                           feature_shape=tuple(train_fs.array.shape[1:]), class_names=list(train_fs.class_names),
                           meta={"setting": info.as_dict(), "hparams": r.hparams, "test": r.test, "val": r.val})

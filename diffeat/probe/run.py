@@ -36,9 +36,15 @@ from diffeat.heads import (
     get_head,
 )
 from diffeat.output.records import new_run_dir, utc_now, write_long_csv, write_run_json
-from diffeat.probe import reference
+from diffeat.probe import lbfgs, reference
 from diffeat.probe.config import ProbeConfig
-from diffeat.probe.data import make_source, moments, standardizer, stratified_split
+from diffeat.probe.data import (
+    RowSource,
+    make_source,
+    moments,
+    standardizer,
+    stratified_split,
+)
 from diffeat.probe.grid import ProbeRun, trained_heads
 from diffeat.probe.results import (
     CSV_COLUMNS,
@@ -53,6 +59,7 @@ from diffeat.runtime.devices import resolve_device
 from diffeat.runtime.memory import fmt_bytes, memory_budget
 from diffeat.runtime.threads import compute_threads
 from diffeat.store import FeatureSet, FeatureStore, as_store
+from diffeat.store.layout import model_store_name
 from diffeat.store.reader import store_option
 
 logger = logging.getLogger(__name__)
@@ -123,7 +130,8 @@ def run_probe(config: ProbeConfig, *, store: FeatureStore | None = None) -> Prob
         c = c.replace(train_split=c.train_split or train_split, test_split=c.test_split or test_split)
     pairs: dict[str, tuple[FeatureSet, FeatureSet]] = {}
     for b, t, p in itertools.product(c.blocks or [None], c.ts or [None], c.pools or [None]):
-        tr, te = _pair(fs, c.dataset, c.train_split, c.test_split, b, t, p, c.model, c.name)
+        tr, te = _pair(fs, c.dataset, c.train_split, c.test_split, b, t, p,
+                       model_store_name(c.model) if c.model else None, c.name)
         pairs.setdefault(tr.info.path, (tr, te))
     for tr, _ in pairs.values():
         shape = tuple(tr.array.shape[1:])
@@ -202,13 +210,21 @@ def _probe_setting(train_fs: FeatureSet, test_fs: FeatureSet, o: ProbeRun) -> li
     base = {"model": info.model, "dataset": info.dataset, "block": info.block, "t": info.t, "pool": info.pool,
             "name": info.name}
     results: list[tuple[HeadResult, Probe | None]] = []
-    trained = [s for s in o.specs if s.kind == "trained"]
+    by_lbfgs = o.config.recipe == "lbfgs"  # the linear head is then fit by L-BFGS, not by the SGD grid
+    trained = [s for s in o.specs if s.kind == "trained" and not (by_lbfgs and s.name == "linear")]
     if trained:
         results += trained_heads(trained, train_src, test_src, fit_rows, val_rows, rows_final, test_rows,
                                   m_fit, std_fit, std_all, shape, k, base, o)
     for spec in o.specs:
         t_head = time.perf_counter()
-        if spec.name == "knn":
+        if spec.name == "linear" and by_lbfgs:
+            # What this split may still take in memory beside the row sources already held.
+            held = (train_fs.nbytes if train_src.in_memory else 0) + (test_fs.nbytes if test_src.in_memory else 0)
+            out = lbfgs.fit(train_src, fit_rows, val_rows, std_fit, std_all, cs=tuple(o.config.cs or spec.cs),
+                            num_classes=k, device=o.device, budget=max(0, o.budget - held), refit=o.config.refit)
+            results.append(_convex_result("linear", out, {"recipe": "lbfgs"}, train_src.labels[val_rows], test_src,
+                                          test_rows, base, k, o, t_head))
+        elif spec.name == "knn":
             _, val_top = reference.knn_topk(train_src, fit_rows, train_src, val_rows, std_fit, num_classes=k,
                                             k=o.config.knn_k, temperature=o.config.knn_temperature, device=o.device)
             test_labels, test_top = reference.knn_topk(train_src, rows_final, test_src, test_rows, std_all,
@@ -220,28 +236,36 @@ def _probe_setting(train_fs: FeatureSet, test_fs: FeatureSet, o: ProbeRun) -> li
                                        grid=[{"hparams": hp, "val": val}], refit=o.config.refit, n_train=len(rows_final),
                                        seconds=time.perf_counter() - t_head), None))
         elif spec.name == "logistic":
-            cs = tuple(o.config.cs or spec.options["cs"])
-            out = reference.logistic(train_src, fit_rows, val_rows, std_fit, std_all, cs=cs, num_classes=k,
-                                     refit=o.config.refit)
-            y_val = train_src.labels[val_rows]
-            grid = [{"hparams": {**e["hparams"], "standardize": o.config.standardize},
-                     "val": metrics(y_val, e["val_topk"], k, e["val_loss"]), "converged": e["converged"],
-                     "n_iter": e["n_iter"]}
-                    for e in out["grid"]]
-            test_labels, (test_top,), (test_loss,) = predict(test_src, test_rows, [out["probe"]], nn.Identity(),
-                                                             batch_size=o.config.batch_size, device=torch.device("cpu"))
-            hp = {**out["chosen"]["hparams"], "standardize": o.config.standardize}
-            result = HeadResult("logistic", **base, hparams=hp, val=metrics(y_val, out["chosen"]["val_topk"], k,
-                                                                           out["chosen"]["val_loss"]),
-                                test=metrics(test_labels, test_top, k, test_loss), grid=grid, refit=o.config.refit,
-                                n_train=out["n_train"], seconds=time.perf_counter() - t_head,
-                                n_params=count_parameters(out["probe"].head))
-            results.append((result, out["probe"]))
+            out = reference.logistic(train_src, fit_rows, val_rows, std_fit, std_all,
+                                     cs=tuple(o.config.cs or spec.options["cs"]), num_classes=k, refit=o.config.refit)
+            results.append(_convex_result("logistic", out, {}, train_src.labels[val_rows], test_src, test_rows, base,
+                                          k, o, t_head))
     order = {s.name: i for i, s in enumerate(o.specs)}
     results.sort(key=lambda rp: order[rp[0].head])
     logger.info("%s done in %.1f s: %s", info.label(), time.perf_counter() - start,
                 ", ".join(f"{r.head} {100 * r.test['top1']:.2f}%" for r, _ in results))
     return results
+
+
+def _convex_result(head: str, out: dict, extra: dict, y_val: np.ndarray, test_src: RowSource,
+                   test_rows: np.ndarray, base: dict, k: int, o: ProbeRun, started: float
+                   ) -> tuple[HeadResult, Probe]:
+    """The result of a head fit along a C path (``lbfgs.fit``, ``reference.logistic``): its grid, the
+    chosen C's validation metrics, and the final model's test metrics (one pass over the test rows)."""
+    common = {**extra, "standardize": o.config.standardize}
+    grid = [{"hparams": {**e["hparams"], **common}, "val": metrics(y_val, e["val_topk"], k, e["val_loss"]),
+             "converged": e["converged"], "n_iter": e["n_iter"],
+             **({"objective": e["objective"]} if "objective" in e else {})}
+            for e in out["grid"]]
+    test_labels, (test_top,), (test_loss,) = predict(test_src, test_rows, [out["probe"]], nn.Identity(),
+                                                     batch_size=max(o.config.batch_size, 1024), device=o.device)
+    chosen = out["chosen"]
+    result = HeadResult(head, **base, hparams={**chosen["hparams"], **common},
+                        val=metrics(y_val, chosen["val_topk"], k, chosen["val_loss"]),
+                        test=metrics(test_labels, test_top, k, test_loss), grid=grid, refit=o.config.refit,
+                        n_train=out["n_train"], seconds=time.perf_counter() - started,
+                        n_params=count_parameters(out["probe"].head))
+    return result, out["probe"]
 
 
 __all__ = ["CSV_COLUMNS", "HeadResult", "ProbeReport", "probe", "run_probe"]

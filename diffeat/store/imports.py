@@ -32,11 +32,15 @@ from diffeat.store.layout import (
     settings_hash,
 )
 from diffeat.store.reader import FeatureStore, SettingInfo, open_store
-from diffeat.store.writer import SettingWriter
+from diffeat.store.writer import SettingWriter, all_finite
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_MODEL = "external"
+#: Bytes of whole units written in one zarr assignment: zarr encodes the chunks and shards of one
+#: assignment concurrently, so an import of 64 MiB shards one by one ran at 0.7× of plain zarr's
+#: ``array[:] = x`` (measured, 262 MB, 2 cores); four at a time keeps both cores busy.
+WRITE_BYTES = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -106,6 +110,22 @@ def _rows(array: Any, order: np.ndarray | None, lo: int, hi: int) -> np.ndarray:
     return out
 
 
+def _runs(units: list[int], plan, row_bytes: int, max_bytes: int = WRITE_BYTES) -> list[tuple[int, int]]:
+    """Rows ``[lo, hi)`` of consecutive ``units``, up to ``max_bytes`` each: one zarr assignment per run."""
+    per_run = max(1, max_bytes // max(1, plan.unit_rows * row_bytes))
+    runs: list[tuple[int, int]] = []
+    start = prev = None
+    for u in units:
+        if start is not None and (u != prev + 1 or u - start >= per_run):
+            runs.append((plan.unit_range(start)[0], plan.unit_range(prev)[1]))
+            start = None
+        start = u if start is None else start
+        prev = u
+    if start is not None:
+        runs.append((plan.unit_range(start)[0], plan.unit_range(prev)[1]))
+    return runs
+
+
 def import_features(store: FeatureStore | str, dataset: str, split: str, name: str, array: Any, *,
                     attrs: dict | None = None, ids: Sequence[str] | None = None, model: str = DEFAULT_MODEL,
                     store_dtype: str = "float16", overwrite: bool = False, root: str | None = None,
@@ -165,7 +185,7 @@ def import_features(store: FeatureStore | str, dataset: str, split: str, name: s
         with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported by _check_finite
             block = np.ascontiguousarray(_rows(array, order, lo, hi), dtype=store_dtype)
         _check_finite(block, lo, source, store_dtype)
-        digest.update(block.tobytes())
+        digest.update(block)
     settings = {"import": name, "model": model, "dataset": {"name": dataset, "split": split,
                                                               "manifest_sha256": manifest},
                 "shape": list(out_shape), "store_dtype": store_dtype, "content_sha256": digest.hexdigest()}
@@ -187,8 +207,7 @@ def import_features(store: FeatureStore | str, dataset: str, split: str, name: s
                                 chunk_rows=chunk_rows)
     outcome = "cached" if not writer.pending else "resumed" if len(writer.pending) < plan.n_units else "written"
     writer.claim_all()
-    for u in sorted(writer.claimed):
-        lo, hi = plan.unit_range(u)
+    for lo, hi in _runs(sorted(writer.claimed), plan, row_bytes):
         writer.add(np.arange(lo, hi), _rows(array, order, lo, hi))
     if not writer.publish():
         raise StoreError(f"import {name}: some units were not written ({path}); run the import again to resume")
@@ -199,6 +218,8 @@ def import_features(store: FeatureStore | str, dataset: str, split: str, name: s
 
 def _check_finite(block: np.ndarray, lo: int, source: str, store_dtype: str) -> None:
     """Refuse NaN, infinities and values beyond the store dtype's range, naming the first rows (table order)."""
+    if all_finite(block):
+        return
     with np.errstate(invalid="ignore"):
         finite = np.isfinite(block.reshape(len(block), -1)).all(axis=1)
     if finite.all():

@@ -65,7 +65,8 @@ def _extracted_problems(meta: dict, settings: dict, setting: dict, folder: str, 
                         shape: tuple[int, ...], dtype: str) -> list[str]:
     problems = []
     block, t, pool = setting.get("block"), setting.get("t"), setting.get("pool")
-    if not all(_int(v) for v in (block, t, pool)) or setting.get("name") is not None:
+    # t is None for a model without a timestep (a vision backbone): folder block{b}_pool{k}_<hash10>.
+    if not (_int(block) and _int(pool) and (t is None or _int(t))) or setting.get("name") is not None:
         return [f"setting {setting} is neither an extracted setting (block, t, pool) nor an import"]
     for key in ("block", "t", "pool"):
         if settings.get(key) != setting.get(key):
@@ -84,7 +85,7 @@ def _extracted_problems(meta: dict, settings: dict, setting: dict, folder: str, 
     if settings.get("store_dtype") != dtype:
         problems.append(f"dtype {dtype} is not the recorded store dtype {settings.get('store_dtype')}")
     channels = (meta.get("block_info") or {}).get("channels") if isinstance(meta.get("block_info"), dict) else None
-    if tuple(shape[1:]) != (channels, pool, pool):
+    if channels is not None and tuple(shape[1:]) != (channels, pool, pool):
         problems.append(f"shape {tuple(shape)} does not match block {block}'s {channels} channels at pool {pool}")
     return problems
 

@@ -12,9 +12,10 @@ The on-disk format (Zarr v3) is specified in ``docs/store-format.md``::
           data   (N, C, k, k) float16|float32   dims ("sample", "channel", "y", "x"); attrs.diffeat = provenance
           done   (n_units,) uint8, one chunk per element: 1 once that unit (chunk or shard) is written
 
-``<setting>`` is ``block{b}_t{t}_pool{k}_{hash10}`` where the hash covers every
-value-determining setting (model weights, sample table, block, t, pool, noise,
-preprocessing, dtypes): same settings -> same array, reused; any change -> a new one.
+``<setting>`` is ``block{b}_t{t}_pool{k}_{hash10}`` (``block{b}_pool{k}_{hash10}`` for a model
+without a timestep: a vision backbone) where the hash covers every value-determining setting
+(model weights, sample table, block, t, pool, noise, preprocessing, dtypes): same settings ->
+same array, reused; any change -> a new one.
 """
 
 from __future__ import annotations
@@ -59,14 +60,58 @@ def settings_hash(settings: dict) -> str:
     return hashlib.sha256(canonical_json(settings).encode()).hexdigest()
 
 
+_SLUG = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def safe_name(text: str) -> str:
+    """A path-safe slug: letters, digits, '.', '_' and '-' only, never '.' or '..'."""
+    return _SLUG.sub("-", text).strip("-.") or "model"
+
+
+def is_hub_id(spec: str) -> bool:
+    """``org/name``: a Hugging Face hub id (when no local path of that name exists)."""
+    return "/" in spec and not spec.startswith((".", "/", "~")) and spec.count("/") == 1
+
+
+def model_store_name(spec: str) -> str:
+    """The name a model's features are stored under, from what ``--model`` was given.
+
+    ``random:<arch>`` -> ``random-<arch>``, a folder -> its name, a hub id ``org/name`` ->
+    ``org--name``; anything else (a built-in name, or a stored name such as ``adm256``) is
+    returned as it is. So ``cka``/``probe`` options may name a model as ``extract`` was given it.
+    """
+    from pathlib import Path
+
+    if spec.startswith("random:"):
+        return f"random-{safe_name(spec.split(':', 1)[1])}"
+    path = Path(spec).expanduser()
+    if path.is_dir():
+        return safe_name(path.resolve().name)
+    if is_hub_id(spec):
+        return safe_name(spec.replace("/", "--"))
+    return spec
+
+
 def table_path(dataset: str, split: str, manifest_sha256: str) -> str:
     """Path of a sample table group."""
     return f"datasets/{check_name(dataset, 'dataset')}/{check_name(split, 'split')}/{manifest_sha256[:12]}"
 
 
-def setting_name(block: int, t: int, pool: int, digest: str) -> str:
-    """Name of one extracted feature setting's group."""
+def setting_name(block: int, t: int | None, pool: int, digest: str) -> str:
+    """Name of one extracted feature setting's group: ``block24_t90_pool1_<hash10>``; a model without a
+    timestep (a vision backbone) has no ``t`` part: ``block3_pool1_<hash10>``."""
+    if t is None:
+        return f"block{block}_pool{pool}_{digest[:10]}"
     return f"block{block}_t{t}_pool{pool}_{digest[:10]}"
+
+
+def setting_label(block: int | None, t: int | None, pool: int | None, name: str | None = None) -> str:
+    """Short human label of a setting: ``b24/t90/p1``, ``b3/p1`` without a timestep, or the import name."""
+    if name is not None:
+        return name
+    if t is None:
+        return f"b{block}/p{pool}"
+    return f"b{block}/t{t}/p{pool}"
 
 
 def setting_path(model: str, dataset: str, split: str, name: str) -> str:

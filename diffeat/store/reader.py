@@ -15,7 +15,8 @@ import zarr
 
 from diffeat.errors import StoreError
 from diffeat.runtime.checks import check_choice
-from diffeat.store.layout import STORE_FORMAT, check_name
+from diffeat.store.fastread import read_rows
+from diffeat.store.layout import STORE_FORMAT, check_name, setting_label
 from diffeat.store.location import absolute, check_location, is_url, local_path
 from diffeat.store.refs import ArrayRef
 from diffeat.store.streaming import aligned_rows, block_ranges
@@ -32,7 +33,7 @@ class SettingInfo:
     dataset: str
     split: str
     block: int | None
-    t: int | None
+    t: int | None  # None: imported features, or a model without a timestep (a vision backbone)
     pool: int | None
     name: str | None  # imported external features only
     shape: tuple[int, ...]
@@ -46,10 +47,8 @@ class SettingInfo:
     stored_bytes: int | None = None  # compressed bytes on the store (from the catalog)
 
     def label(self) -> str:
-        """Short human label: ``b24/t90/p1``, or the import name."""
-        if self.name is not None:
-            return self.name
-        return f"b{self.block}/t{self.t}/p{self.pool}"
+        """Short human label: ``b24/t90/p1``, ``b3/p1`` (no timestep), or the import name."""
+        return setting_label(self.block, self.t, self.pool, self.name)
 
     def as_dict(self) -> dict:
         """JSON-friendly dict."""
@@ -136,15 +135,19 @@ class FeatureSet:
         """``(lo, hi)`` of contiguous row blocks of about ``rows`` rows, each whole stored chunks."""
         return block_ranges(len(self), self.chunk_rows, rows)
 
-    def read(self, lo: int, hi: int, dtype: np.dtype | type = np.float32) -> np.ndarray:
-        """Rows ``[lo, hi)`` as ``dtype``.
+    def read(self, lo: int, hi: int, dtype: np.dtype | type | None = np.float32, *, out: np.ndarray | None = None
+             ) -> np.ndarray:
+        """Rows ``[lo, hi)`` as ``dtype`` (None: the stored dtype), decoded into ``out`` when given.
 
-        A chunk that fails its checksum or cannot be decoded, and a NaN row of a complete
-        setting that is not a skipped row (its chunk object was lost), are a ``StoreError``
-        saying to run ``diffeat verify --repair``: a reader never hands out wrong numbers.
+        Read by the fast path (``diffeat.store.fastread``: whole chunks fetched and decoded
+        concurrently, straight into the result, with zarr-python's values bitwise), or by
+        zarr-python for a layout it does not know. A chunk that fails its checksum or cannot be
+        decoded, and a NaN row of a complete setting that is not a skipped row (its chunk object
+        was lost), are a one-line ``StoreError`` saying to run ``diffeat verify --repair``: a
+        reader never hands out wrong numbers.
         """
         try:
-            block = np.asarray(self.array[lo:hi], dtype=dtype)
+            block = read_rows(self.array, lo, hi, dtype, out=out)
         except StoreError:
             raise
         except Exception as e:  # noqa: BLE001 - any codec can fail on a damaged chunk

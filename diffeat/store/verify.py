@@ -44,6 +44,7 @@ import zarr
 from diffeat.errors import StoreError
 from diffeat.runtime.progress import Progress
 from diffeat.store import catalog
+from diffeat.store.fastread import read_rows
 from diffeat.store.integrity import entry_problems, setting_problems, table_problems
 from diffeat.store.layout import STORE_FORMAT
 from diffeat.store.reader import FeatureStore, first_line
@@ -389,7 +390,7 @@ def _skip_rows(records: Any) -> list[int]:
 def _unit_problem(array: zarr.Array, lo: int, hi: int, skipped: list[int]) -> tuple[str | None, int]:
     """Why rows [lo, hi) do not read back whole (None: they do), and the bytes read."""
     try:
-        block = np.asarray(array[lo:hi])
+        block = read_rows(array, lo, hi, None)
     except Exception as e:  # noqa: BLE001 - a corrupt chunk can fail in any codec
         return f"unreadable: {type(e).__name__}: {first_line(e)}", 0
     flat = block.reshape(len(block), -1)

@@ -273,9 +273,13 @@ class SettingWriter:
     def add(self, rows: np.ndarray, values: np.ndarray, skipped: dict[int, dict] | None = None) -> None:
         """Buffer feature rows; every claimed unit that becomes full is written and flagged.
 
-        ``skipped``: rows whose image could not be decoded (``--on-bad-image skip``), each with
-        ``{"id", "reason"}``; they are stored as NaN and recorded with the unit.
+        Rows that are exactly whole claimed units, in order (what an import passes), are written
+        in one assignment without a copy into a unit buffer. ``skipped``: rows whose image could
+        not be decoded (``--on-bad-image skip``), each with ``{"id", "reason"}``; they are stored
+        as NaN and recorded with their unit (always through the unit buffers).
         """
+        if not skipped and self._write_whole(rows, values):
+            return
         units = rows // self.plan.unit_rows
         skipped = skipped or {}
         for u in np.unique(units):
@@ -296,6 +300,31 @@ class SettingWriter:
             self._filled[u] += int(sel.sum())
             if self._filled[u] == hi - lo:
                 self._write_unit(u, lo, hi)
+
+    def _write_whole(self, rows: np.ndarray, values: np.ndarray) -> bool:
+        """Write ``rows`` straight to the array when they are one ascending run of whole claimed units
+        that nothing was buffered for; False (nothing done) otherwise."""
+        ur, n = self.plan.unit_rows, len(rows)
+        if n == 0:
+            return False
+        lo, hi = int(rows[0]), int(rows[-1]) + 1
+        if hi - lo != n or lo % ur or (hi % ur and hi != self.plan.n) or (n > 1 and not (np.diff(rows) == 1).all()):
+            return False
+        units = range(lo // ur, -(-hi // ur))
+        if any(u not in self.claimed or u in self._buffers for u in units):
+            return False
+        # Whole units in one assignment: every chunk or shard object is written entirely, by this writer.
+        self.array[lo:hi] = _cast(values, self.array.dtype, self.label, rows)
+        for u in units:
+            if u in self._skip_objects:
+                self.store.objects.delete(f"{self.skip_prefix}/{u}.json")  # its images decode now
+        self.done[units.start:units.stop] = 1  # only after the data objects are in place
+        for u in units:
+            self.pending.discard(u)
+            self.claimed.discard(u)
+            self.claims.release(str(u))
+            self.written += 1
+        return True
 
     def _write_unit(self, u: int, lo: int, hi: int) -> None:
         self.array[lo:hi] = self._buffers.pop(u)
@@ -399,6 +428,8 @@ def _cast(values: np.ndarray, dtype: np.dtype, label: str, rows: np.ndarray,
     if skipped is not None and skipped.any():
         out = np.array(out, copy=True)
         out[skipped] = np.nan
+    elif bool(all_finite(out)):
+        return out
     finite = np.isfinite(out.reshape(len(out), -1)).all(axis=1)
     if skipped is not None:
         finite |= skipped
@@ -409,6 +440,15 @@ def _cast(values: np.ndarray, dtype: np.dtype, label: str, rows: np.ndarray,
                else "the model produced NaN/inf")
         raise StoreError(f"{label}: non-finite features for rows {bad}: {why}")
     return out
+
+
+def all_finite(values: np.ndarray) -> bool:
+    """Whether every value is finite; float16 by its bits (NumPy's isfinite on float16 is a scalar
+    loop: 0.33 s per 131 M values, against 0.05 s for the exponent test)."""
+    if values.dtype == np.float16 and values.flags.c_contiguous:
+        bits = values.reshape(-1).view(np.uint16)
+        return bool(np.max(bits & np.uint16(0x7C00), initial=0) != 0x7C00)  # all-ones exponent: inf or NaN
+    return bool(np.isfinite(values).all())
 
 
 class BackgroundWriter:

@@ -1,4 +1,4 @@
-"""Model families: one module per kind of pretrained diffusion model, one registry line each.
+"""Model families: one module per kind of pretrained model (diffusion models, and vision backbones), one line each.
 
 ``FAMILIES`` maps a family's name to its ``ModelFamily`` (``base.py`` says what a family gives).
 A new family is a module here plus one line below.
@@ -7,7 +7,7 @@ A new family is a module here plus one line below.
 from __future__ import annotations
 
 from diffeat.errors import ModelError
-from diffeat.models.families import dit, latent_unet, pixart, pixel_unet, sd3
+from diffeat.models.families import dit, latent_unet, pixart, pixel_unet, sd3, vision
 from diffeat.models.families.base import FeatureModel, ModelFamily
 
 FAMILIES: dict[str, ModelFamily] = {
@@ -16,6 +16,7 @@ FAMILIES: dict[str, ModelFamily] = {
     dit.FAMILY.name: dit.FAMILY,
     pixart.FAMILY.name: pixart.FAMILY,
     sd3.FAMILY.name: sd3.FAMILY,
+    vision.FAMILY.name: vision.FAMILY,
 }
 
 __all__ = ["FAMILIES", "FeatureModel", "ModelFamily", "family_for", "random_architectures", "supported_families"]

@@ -16,6 +16,10 @@ turns a loaded one into a :class:`FeatureModel`, which gives:
   conditioning, schedule, input) for the settings hash and provenance. Pixel U-Nets, the
   first family, add nothing, so stores written before families existed keep their hash.
 
+The ``vision`` family (transformers backbones: the paper's ResNet and ViT baselines) has the same
+interface without the diffusion parts: no schedule (``schedule is None``, the family's
+``timestep`` is False), its own image ``preprocessing``, blocks 0 (stem) .. depth.
+
 A family also lists its ``random:<arch>`` architectures (random weights, or on the meta device
 where only shapes matter) and the pipeline components it needs.
 """
@@ -36,6 +40,7 @@ if TYPE_CHECKING:
     from pathlib import Path
 
     from diffeat.models.blocks import BlockInfo
+    from diffeat.models.preprocessing import ImagePreprocessing
     from diffeat.models.schedules import NoiseSchedule
 
 
@@ -43,9 +48,11 @@ if TYPE_CHECKING:
 class FeatureModel(Protocol):
     """One loaded model, as feature extraction sees it (see the module docstring)."""
 
-    family: str  # the registry name: "pixel-unet", "latent-unet", "dit", "pixart", "sd3"
-    denoiser: nn.Module  # the U-Net or transformer (frozen, eval)
-    schedule: NoiseSchedule
+    family: str  # the registry name: "pixel-unet", "latent-unet", "dit", "pixart", "sd3", "vision"
+    denoiser: nn.Module  # the U-Net or transformer (frozen, eval); a vision backbone's network
+    schedule: NoiseSchedule | None  # None: the model takes no timestep and no noise (vision backbones)
+    #: how an image becomes the model input; None: guided-diffusion's center crop to [-1, 1] (``data.images``)
+    preprocessing: ImagePreprocessing | None
     native_resolution: int  # pixels
     first_block: int  # 1 (U-Nets: the paper's numbering) or 0 (transformers: the patch embedding)
     latent: bool  # images go through the VAE
@@ -97,6 +104,9 @@ class ModelFamily:
     #: ``random:<arch>`` name -> builder(device) -> FeatureModel with seeded random weights built on ``device``
     #: ("meta" where only shapes matter: block tables, FLOP counts)
     architectures: dict[str, Callable[[str], FeatureModel]] = field(default_factory=dict)
+    #: the model is run on images noised to a timestep t (diffusion models); False: on clean images, no --t
+    #: (vision backbones), and its settings carry no t
+    timestep: bool = True
 
 
 def tokens_to_grid(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -174,6 +184,7 @@ class LatentInput:
     conditioning: Conditioning
     native_resolution: int
     latent = True
+    preprocessing = None  # guided-diffusion's center crop to [-1, 1]
 
     def _factor(self) -> tuple[int, str]:
         raise NotImplementedError

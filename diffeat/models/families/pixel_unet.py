@@ -102,6 +102,7 @@ class PixelUNet:
     family = "pixel-unet"
     first_block = 1
     latent = False
+    preprocessing = None  # guided-diffusion's center crop to [-1, 1]
 
     def __init__(self, unet: nn.Module, schedule: NoiseSchedule = ADM_LINEAR):
         if getattr(unet.config, "addition_embed_type", None) == "text_time":
