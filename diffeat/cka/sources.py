@@ -119,14 +119,19 @@ class KeptRows(ArraySource):
         self.dtype = source.dtype
         self.meta = source.meta
 
-    def read(self, lo: int, hi: int) -> np.ndarray:
-        """Kept rows ``[lo, hi)`` as a C-contiguous (hi-lo, D) float array."""
+    def read(self, lo: int, hi: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Kept rows ``[lo, hi)`` as a C-contiguous (hi-lo, D) float array (copied into ``out`` when given)."""
         rows = self.kept[lo:hi]
         if not len(rows):
-            return np.empty((0, self.dim), dtype=self.dtype)
+            return np.empty((0, self.dim), dtype=self.dtype) if out is None else out
         first = int(rows[0])
+        if int(rows[-1]) + 1 - first == len(rows):  # no row left out in this range: read straight into out
+            return self.origin.read(first, first + len(rows), out=out)
         block = self.origin.read(first, int(rows[-1]) + 1)
-        return block if len(block) == len(rows) else np.ascontiguousarray(block[rows - first])
+        if out is None:
+            return np.ascontiguousarray(block[rows - first])
+        np.take(block, rows - first, axis=0, out=out.reshape(len(rows), self.dim))
+        return out
 
 
 def leave_out_skipped(sources: Sequence[ArraySource]) -> list[ArraySource]:
