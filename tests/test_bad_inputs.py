@@ -76,9 +76,9 @@ CASES = [
          {"f.npy": np.zeros((8, 4), np.float32)}),
     # probe, cka, verify
     Case("probe-zero-byte-chunk", ["probe", "--store", "{damaged}", "--dataset", "digits", "--train-split", "test",
-                                   "--test-split", "test", "--out", "{tmp}/r", "--device", "cpu"], "unreadable"),
+                                   "--test-split", "test", "--out", "{tmp}/r", "--device", "cpu"], "data/c/0/0/0/0"),
     Case("cka-zero-byte-chunk", ["cka", "--store", "{damaged}", "--dataset", "digits", "--a", "block=3,t=90,pool=1",
-                                 "--b", "block=3,t=90,pool=1"], "unreadable"),
+                                 "--b", "block=3,t=90,pool=1"], "data/c/0/0/0/0"),
     Case("probe-logistic-budget", ["probe", "--store", "{store}", "--dataset", "digits", "--train-split", "test",
                                    "--test-split", "test", "--head", "logistic", "--memory-budget", "1K", "--out",
                                    "{tmp}/r", "--device", "cpu"], "logistic needs"),

@@ -80,14 +80,14 @@ def run_extract(config: ExtractConfig, *, store: FeatureStore | None = None) -> 
     """
     c = config
     dev = resolve_device(c.device)
-    check_timesteps(c)  # from the model's config files: before any data is read
-    tables = _sample_tables(c)
-    # Read-only credentials fail here, before the model is loaded; nothing is created yet: a run
-    # refused below (a block the model lacks, a bad pool size) leaves no store behind.
+    # Read-only credentials fail first, before the model is looked at or loaded; nothing is created yet:
+    # a run refused below (a model or block that does not exist, a bad pool size) leaves no store behind.
     if store is not None:
         store.check_writable()
     else:
         check_writable_location(c.store, c.storage_options)
+    check_timesteps(c)  # from the model's config files: before any data is read
+    tables = _sample_tables(c)
     loaded, res, table = _load_checked(c)
     try:
         fs = as_store(store if store is not None else c.store, mode="a", storage_options=c.storage_options)
