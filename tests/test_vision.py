@@ -302,8 +302,8 @@ def test_a_baseline_and_a_diffusion_model_in_one_store_one_cka_and_a_probe_each(
 
     # a probe on each model's settings
     for model, blocks, ts in ((resnet, [4], ()), ("tiny-unet", [8], (90,))):
-        report = probe(store=store, dataset="digits", model=model, blocks=blocks, ts=ts, min_steps=10, epochs=1,
-                       lrs=[0.1], wds=[0.0], out=str(tmp_path / "probe"), save_weights=True, device="cpu")
+        report = probe(store=store, dataset="digits", model=model, blocks=blocks, ts=ts,
+                       out=str(tmp_path / "probe"), save_weights=True, device="cpu")
         (r,) = report.results
         assert r.block == blocks[0] and r.t == (ts[0] if ts else None) and 0 <= r.test["top1"] <= 1
     listed = CliRunner().invoke(main, ["ls", "--store", store])
