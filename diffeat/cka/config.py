@@ -55,7 +55,6 @@ class CkaConfig(StageConfig):
     def __post_init__(self) -> None:
         from diffeat.runtime.cluster import check_cluster_options
         from diffeat.runtime.memory import memory_budget
-
         from diffeat.store.location import check_location
 
         self._set("store", check_location(self.store))

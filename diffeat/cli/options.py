@@ -6,7 +6,6 @@ import json
 
 import click
 
-
 #: Most values one option may expand to (``--t 0-999`` is 1,000): a typo such as ``--block 1-30000000``
 #: is refused at once instead of building a 30-million-element list (measured: 56 s and 3 GB).
 MAX_VALUES = 4096

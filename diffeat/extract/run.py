@@ -36,7 +36,12 @@ from diffeat.runtime.cluster import cluster_client
 from diffeat.runtime.devices import resolve_device
 from diffeat.store.layout import setting_name, setting_path, settings_hash
 from diffeat.store.objects import disk_error
-from diffeat.store.reader import FeatureStore, as_store, check_writable_location, store_option
+from diffeat.store.reader import (
+    FeatureStore,
+    as_store,
+    check_writable_location,
+    store_option,
+)
 from diffeat.store.writer import SettingWriter, write_sample_table
 
 if TYPE_CHECKING:

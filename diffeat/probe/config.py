@@ -74,7 +74,6 @@ class ProbeConfig(StageConfig):
         from diffeat.heads import HEADS, get_head
         from diffeat.runtime.cluster import check_cluster_options
         from diffeat.runtime.memory import memory_budget
-
         from diffeat.store.location import check_location
 
         self._set("store", check_location(self.store))
