@@ -253,9 +253,18 @@ class _StoreObjects:
 
 
 def _room(buf: bytearray, size: int) -> memoryview:
-    """A view of ``buf`` of at least ``size`` bytes (grown in place when needed)."""
+    """A view of ``buf`` of at least ``size`` bytes (grown in place when needed).
+
+    A buffer cannot grow while a view of it is alive, and the traceback of a read that failed
+    (a chunk failing its checksum) keeps one alive until the garbage collector breaks its
+    cycle: that thread's next, larger read then gets a fresh buffer instead of a BufferError
+    (``diffeat verify`` reported an intact unit as unreadable after a damaged one).
+    """
     if len(buf) < size:
-        buf.extend(bytes(size - len(buf)))
+        try:
+            buf.extend(bytes(size - len(buf)))
+        except BufferError:
+            return memoryview(bytearray(size))
     return memoryview(buf)
 
 
