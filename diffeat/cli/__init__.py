@@ -34,7 +34,7 @@ COMMANDS: dict[str, str] = {
 SUMMARIES: dict[str, str] = {
     "demo": "The built-in demo: digits-ddpm on digits, extract, probe, CKA, report (CPU, about a minute).",
     "run": "Run a pipeline YAML stage by stage, skipping stages whose outputs are current.",
-    "extract": "Extract pooled U-Net block features of a dataset into a feature store.",
+    "extract": "Extract pooled block features of a dataset (any model family) into a feature store.",
     "ls": "List the feature settings in a store.",
     "blocks": "Show the block table of a model: what block N is.",
     "probe": "Train heads (linear, MLP, CNN, attention, kNN) on cached features.",
@@ -80,7 +80,7 @@ class LazyGroup(click.Group):
 @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
 @click.option("-q", "--quiet", is_flag=True, help="Only warnings and errors.")
 def main(verbose: int, quiet: bool) -> None:
-    """diffeat: pretrained diffusion U-Nets as feature extractors.
+    """diffeat: pretrained diffusion models as feature extractors.
 
     extract features once into a Zarr store, then probe and compare them (CKA).
     """
