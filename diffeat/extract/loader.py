@@ -33,7 +33,28 @@ if TYPE_CHECKING:
     from diffeat.models.schedules import NoiseSchedule
 
 
-class NoisedImages(Dataset):
+class _TableRows(Dataset):
+    """Rows of a sample table, one item each; ``_image(row)`` is None for an image that cannot be decoded.
+
+    Returning a marker (``-1 - row``) instead of raising keeps a bad image's error out of the
+    loader worker's traceback: the forward loop turns it into one line naming the file, or a
+    skipped row (:func:`bad_images`).
+    """
+
+    def __init__(self, table: SampleTable, rows: np.ndarray):
+        self.table, self.rows = table, np.asarray(rows, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def _image(self, row: int) -> Image | None:
+        try:
+            return self.table.load_image(row)
+        except DatasetError:
+            return None
+
+
+class NoisedImages(_TableRows):
     """Rows of a sample table, each as x_t for every requested t and noise draw.
 
     Item ``i`` is ``(row, x)`` with ``x`` of shape (len(ts) * draws, 3, R, R),
@@ -49,17 +70,13 @@ class NoisedImages(Dataset):
 
     def __init__(self, table: SampleTable, rows: np.ndarray, resolution: int, ts: Sequence[int], seed: int,
                  draws: int = 1, schedule: NoiseSchedule = ADM_LINEAR):
-        self.table, self.rows, self.resolution = table, np.asarray(rows, dtype=np.int64), resolution
-        self.ts, self.seed, self.draws, self.schedule = list(ts), seed, draws, schedule
-
-    def __len__(self) -> int:
-        return len(self.rows)
+        super().__init__(table, rows)
+        self.resolution, self.ts, self.seed, self.draws, self.schedule = resolution, list(ts), seed, draws, schedule
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor]:
         row = int(self.rows[i])
-        try:
-            image = self.table.load_image(row)
-        except DatasetError:
+        image = self._image(row)
+        if image is None:
             return -1 - row, torch.zeros(len(self.ts) * self.draws, 3, self.resolution, self.resolution)
         x0 = torch.from_numpy(preprocess(image, self.resolution))
         sample_id = self.table.ids[row]
@@ -68,7 +85,7 @@ class NoisedImages(Dataset):
         return row, torch.stack(xs)
 
 
-class ImagesAndNoise(Dataset):
+class ImagesAndNoise(_TableRows):
     """Rows of a sample table as (row, clean image (3, R, R), ε (len(ts) * draws, *latent_shape)), t-major.
 
     For latent models: the image goes through the VAE on the extract device, then is noised
@@ -78,26 +95,23 @@ class ImagesAndNoise(Dataset):
 
     def __init__(self, table: SampleTable, rows: np.ndarray, resolution: int, latent_shape: tuple[int, ...],
                  ts: Sequence[int], seed: int, draws: int = 1):
-        self.table, self.rows, self.resolution = table, np.asarray(rows, dtype=np.int64), resolution
-        self.latent_shape, self.ts, self.seed, self.draws = tuple(latent_shape), list(ts), seed, draws
-
-    def __len__(self) -> int:
-        return len(self.rows)
+        super().__init__(table, rows)
+        self.resolution, self.latent_shape = resolution, tuple(latent_shape)
+        self.ts, self.seed, self.draws = list(ts), seed, draws
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor, torch.Tensor]:
         row = int(self.rows[i])
         sample_id = self.table.ids[row]
         eps = [sample_noise(sample_id, t, self.latent_shape, seed=self.seed, draw=d)
                for t in self.ts for d in range(self.draws)]
-        try:
-            image = self.table.load_image(row)
-        except DatasetError:
+        image = self._image(row)
+        if image is None:
             return -1 - row, torch.zeros(3, self.resolution, self.resolution), torch.stack(eps)
         x0 = torch.from_numpy(preprocess(image, self.resolution))
         return row, x0, torch.stack(eps)
 
 
-class PreprocessedImages(Dataset):
+class PreprocessedImages(_TableRows):
     """Rows of a sample table as (row, x (1, 3, R, R)): the image through a model's own ``preprocessing``.
 
     For models without noise or timestep (vision backbones); the singleton axis stands where
@@ -106,16 +120,13 @@ class PreprocessedImages(Dataset):
     """
 
     def __init__(self, table: SampleTable, rows: np.ndarray, preprocessing: Callable[[Image], np.ndarray]):
-        self.table, self.rows, self.preprocessing = table, np.asarray(rows, dtype=np.int64), preprocessing
-
-    def __len__(self) -> int:
-        return len(self.rows)
+        super().__init__(table, rows)
+        self.preprocessing = preprocessing
 
     def __getitem__(self, i: int) -> tuple[int, torch.Tensor]:
         row = int(self.rows[i])
-        try:
-            image = self.table.load_image(row)
-        except DatasetError:
+        image = self._image(row)
+        if image is None:
             from PIL import Image as PILImage
 
             blank = self.preprocessing(PILImage.new("RGB", (64, 64)))  # the input's shape, whatever the model's
