@@ -73,6 +73,27 @@ def test_unwritten_chunks_read_as_the_fill_value(tmp_path, layout):
     _check_all_ranges(array)
 
 
+@pytest.mark.parametrize("layout", sorted(LAYOUTS))
+def test_rows_of_a_lost_object_are_reported_without_a_scan(tmp_path, layout):
+    """``nan_rows``: the fast path names the rows it filled; zarr-python's fallback scans for NaN rows."""
+    x = _values("float16")
+    array = _create(str(tmp_path / "a.zarr"), "float16", layout)
+    array[:] = x
+    (tmp_path / "a.zarr" / "c" / "1" / "0" / "0" / "0").unlink()  # rows 16-31 (chunks) or 32-63 (shards)
+    lost = set(range(16, 32)) if layout == "chunked" else set(range(32, 64))
+    plain = zarr.create_array(str(tmp_path / "v2.zarr"), shape=x.shape, dtype="float16", chunks=(16,) + ROW,
+                              zarr_format=2, fill_value=float("nan"))
+    plain[:] = x
+    (tmp_path / "v2.zarr" / "1.0.0.0").unlink()
+    assert layout_of(plain) is None
+    for arr, want in ((array, lost), (plain, set(range(16, 32)))):
+        for lo, hi in RANGES:
+            found: list[tuple[int, int]] = []
+            block = read_rows(arr, lo, hi, np.float32, nan_rows=found)
+            assert {r for a, b in found for r in range(a, b)} == {r for r in want if lo <= r < hi}, (lo, hi)
+            assert _same(block, arr[lo:hi].astype(np.float32))
+
+
 def test_a_diffeat_import_reads_like_featureset_load(tmp_path):
     from diffeat.data.table import SampleTable
     from diffeat.store import open_store

@@ -379,9 +379,13 @@ class FastReader:
     def _key(self, unit: int) -> str:
         return self._encode((unit,) + (0,) * (len(self.layout.shape) - 1))
 
-    def read(self, lo: int, hi: int, dtype: np.dtype | type | None = None, out: np.ndarray | None = None
-             ) -> np.ndarray:
-        """Rows ``[lo, hi)`` as a C-contiguous array of ``dtype`` (default: the stored dtype), into ``out`` if given."""
+    def read(self, lo: int, hi: int, dtype: np.dtype | type | None = None, out: np.ndarray | None = None,
+             filled: list[tuple[int, int]] | None = None) -> np.ndarray:
+        """Rows ``[lo, hi)`` as a C-contiguous array of ``dtype`` (default: the stored dtype), into ``out`` if given.
+
+        ``filled``, when given, receives the ``(a, b)`` row ranges that no stored chunk holds
+        (read as the fill value): the rows of a lost chunk object, found without scanning values.
+        """
         lay = self.layout
         n = lay.shape[0]
         if not 0 <= lo <= hi <= n:
@@ -397,14 +401,15 @@ class FastReader:
         threads = max(self.threads, REMOTE_THREADS) if self.objects.remote else self.threads
         inline = threads == 1 or getattr(_LOCAL, "reader", False)  # never wait on the pool from inside it
         run = _inline if inline else _pool(threads).submit
+        fill = _Fill(lo, hi, out, lay.fill_value, lay.chunk_rows, filled)
         if lay.shard_rows is None:
             pieces = [_Piece(self._key(u), None, None, (_Chunk(0, -1, u * lay.chunk_rows),)) for u in units]
         else:
             indexes = [run(self._index, u) for u in units]
             pieces = []
             for u, index in zip(units, indexes):
-                pieces += self._shard_pieces(u, index.result(), lo, hi, out)
-        futures = [run(self._decode_piece, p, lo, hi, out) for p in pieces]
+                pieces += self._shard_pieces(u, index.result(), lo, hi, fill)
+        futures = [run(self._decode_piece, p, lo, hi, out, fill) for p in pieces]
         for f in futures:
             f.result()
         return out
@@ -426,7 +431,7 @@ class FastReader:
             _check_crc(data, f"the index of shard {self.path}/{key}")
         return np.frombuffer(data[:16 * lay.chunks_per_shard], dtype="<u8").reshape(-1, 2).copy()
 
-    def _shard_pieces(self, unit: int, index: np.ndarray | None, lo: int, hi: int, out: np.ndarray) -> list[_Piece]:
+    def _shard_pieces(self, unit: int, index: np.ndarray | None, lo: int, hi: int, fill: _Fill) -> list[_Piece]:
         """Runs of adjacent inner chunks of shard ``unit`` overlapping ``[lo, hi)``; absent ones filled now."""
         lay = self.layout
         key = self._key(unit)
@@ -447,7 +452,7 @@ class FastReader:
             row0 = base + j * lay.chunk_rows
             if index is None or int(index[j, 0]) == _EMPTY:
                 flush()
-                self._fill(row0, lo, hi, out)
+                fill(row0)
                 continue
             offset, nbytes = int(index[j, 0]), int(index[j, 1])
             if run and (run[-1][0] + run[-1][1] != offset or offset + nbytes - run[0][0] > PIECE_BYTES):
@@ -457,17 +462,12 @@ class FastReader:
         return pieces
 
     # -- decoding -------------------------------------------------------------------------------
-    def _fill(self, row0: int, lo: int, hi: int, out: np.ndarray) -> None:
-        a, b = max(lo, row0), min(hi, row0 + self.layout.chunk_rows)
-        if a < b:
-            out[a - lo:b - lo] = self.layout.fill_value
-
-    def _decode_piece(self, piece: _Piece, lo: int, hi: int, out: np.ndarray) -> None:
+    def _decode_piece(self, piece: _Piece, lo: int, hi: int, out: np.ndarray, fill: _Fill) -> None:
         raw, scratch = _buffers()
         data = self.objects.get(piece.key, piece.start, piece.end, raw)
         if data is None:  # a chunk that was never written (or all fill value): zarr reads the fill value
             for c in piece.chunks:
-                self._fill(c.row0, lo, hi, out)
+                fill(c.row0)
             return
         for c in piece.chunks:
             encoded = data[c.offset:c.offset + c.nbytes] if c.nbytes >= 0 else data
@@ -502,6 +502,25 @@ class FastReader:
             convert(out[a - lo:b - lo], rows)
 
 
+@dataclass(frozen=True)
+class _Fill:
+    """Writes the fill value over one chunk's rows of the output of a read, and records the range."""
+
+    lo: int
+    hi: int
+    out: np.ndarray
+    value: object
+    chunk_rows: int
+    filled: list[tuple[int, int]] | None
+
+    def __call__(self, row0: int) -> None:
+        a, b = max(self.lo, row0), min(self.hi, row0 + self.chunk_rows)
+        if a < b:
+            self.out[a - self.lo:b - self.lo] = self.value
+            if self.filled is not None:
+                self.filled.append((a, b))  # list.append is atomic: reading threads share the list
+
+
 def _check_crc(data: memoryview, what: str) -> None:
     import google_crc32c
 
@@ -529,19 +548,34 @@ def reader_for(array: zarr.Array, threads: int | None = None) -> FastReader | No
 
 
 def read_rows(array, lo: int, hi: int, dtype: np.dtype | type | None = np.float32, out: np.ndarray | None = None,
-              threads: int | None = None) -> np.ndarray:
+              threads: int | None = None, nan_rows: list[tuple[int, int]] | None = None) -> np.ndarray:
     """Rows ``[lo, hi)`` of a zarr array (or any row-sliceable array) as ``dtype``, at the decode limit when possible.
 
     Values are those zarr-python returns for ``np.asarray(array[lo:hi], dtype)``; arrays whose
     layout the fast path does not know (or that are not zarr) are read by slicing them.
+    ``nan_rows``, when given, receives ``(a, b)`` row ranges read as NaN for want of a stored
+    chunk (a lost chunk object, or one never written because all its rows were skipped), for a
+    float array whose fill value is NaN. The fast path knows which chunks it filled, so it
+    scans no values (a NaN scan of a float16 block cost 4× the read itself: NumPy reduces
+    float16 in a scalar loop); zarr-python's reads are scanned, and report every row holding
+    a NaN. diffeat's writers store finite values only, so both find the same lost rows.
     """
     reader = FastReader.for_array(array, threads) if hasattr(array, "metadata") else None
     if reader is not None:
-        return reader.read(lo, hi, dtype, out)
+        fill = reader.layout.fill_value
+        fill_nan = reader.layout.dtype.kind == "f" and fill is not None and bool(np.isnan(fill))
+        return reader.read(lo, hi, dtype, out, nan_rows if fill_nan else None)
     block = np.asarray(array[lo:hi])
     if out is None:
         if dtype is None or block.dtype == np.dtype(dtype):
-            return np.ascontiguousarray(block)
-        out = np.empty(block.shape, dtype=dtype)
-    convert(out, np.ascontiguousarray(block))
+            out = np.ascontiguousarray(block)
+        else:
+            out = np.empty(block.shape, dtype=dtype)
+            convert(out, np.ascontiguousarray(block))
+    else:
+        convert(out, np.ascontiguousarray(block))
+    if nan_rows is not None and out.dtype.kind == "f" and out.size:
+        # max() propagates NaN without a temporary as large as the block (isnan() would make one).
+        rows = lo + np.flatnonzero(np.isnan(out.reshape(len(out), -1).max(axis=1)))
+        nan_rows.extend((int(r), int(r) + 1) for r in rows)
     return out

@@ -142,20 +142,20 @@ class FeatureSet:
         Read by the fast path (``diffeat.store.fastread``: whole chunks fetched and decoded
         concurrently, straight into the result, with zarr-python's values bitwise), or by
         zarr-python for a layout it does not know. A chunk that fails its checksum or cannot be
-        decoded, and a NaN row of a complete setting that is not a skipped row (its chunk object
-        was lost), are a one-line ``StoreError`` saying to run ``diffeat verify --repair``: a
+        decoded, and a row of a complete setting that no stored chunk holds (its chunk object was
+        lost) and that is not a skipped row, are a one-line ``StoreError`` saying to run ``diffeat verify --repair``: a
         reader never hands out wrong numbers.
         """
+        nan_rows: list[tuple[int, int]] | None = [] if self.info.status == "complete" else None
         try:
-            block = read_rows(self.array, lo, hi, dtype, out=out)
+            block = read_rows(self.array, lo, hi, dtype, out=out, nan_rows=nan_rows)
         except StoreError:
             raise
         except Exception as e:  # noqa: BLE001 - any codec can fail on a damaged chunk
             raise damaged(self.info.path, f"rows {lo}-{hi - 1} are unreadable ({type(e).__name__}: "
                                           f"{first_line(e)})") from None
-        if self.info.status == "complete" and block.dtype.kind == "f" and block.size:
-            # max() propagates NaN without a temporary as large as the block (isnan() would make one).
-            missing = lo + np.flatnonzero(np.isnan(block.reshape(len(block), -1).max(axis=1)))
+        if nan_rows:
+            missing = np.unique(np.concatenate([np.arange(a, b) for a, b in nan_rows]))
             missing = missing[~np.isin(missing, self.skipped)]
             if len(missing):
                 raise damaged(self.info.path, f"rows {missing[:5].tolist()}{' ...' if len(missing) > 5 else ''} "

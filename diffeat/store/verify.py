@@ -389,12 +389,15 @@ def _skip_rows(records: Any) -> list[int]:
 
 def _unit_problem(array: zarr.Array, lo: int, hi: int, skipped: list[int]) -> tuple[str | None, int]:
     """Why rows [lo, hi) do not read back whole (None: they do), and the bytes read."""
+    nan_rows: list[tuple[int, int]] = []
     try:
-        block = read_rows(array, lo, hi, None)
+        block = read_rows(array, lo, hi, None, nan_rows=nan_rows)
     except Exception as e:  # noqa: BLE001 - a corrupt chunk can fail in any codec
         return f"unreadable: {type(e).__name__}: {first_line(e)}", 0
     flat = block.reshape(len(block), -1)
-    missing = set((lo + np.flatnonzero(np.isnan(flat).any(axis=1))).tolist()) if flat.size else set()
+    # Rows no stored chunk holds, and skipped rows written as NaN (writers store finite values only).
+    missing = {r for a, b in nan_rows for r in range(a, b)}
+    missing |= {r for r in skipped if lo <= r < hi and flat.size and np.isnan(flat[r - lo]).any()}
     unexplained = missing - set(skipped)
     if unexplained:
         return f"{len(unexplained)} rows missing (NaN fill: a chunk object was deleted?)", block.nbytes
