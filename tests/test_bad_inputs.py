@@ -219,3 +219,19 @@ def test_a_corrected_import_replaces_one_an_earlier_diffeat_left_unfinished(stor
     result = import_features(fs, "digits", "test", "feat", np.ones((8, 4), np.float32))
     assert result.outcome == "written" and result.info.status == "complete"
     assert np.asarray(fs.open_features(dataset="digits", split="test", name="feat").load()).shape == (8, 4)
+
+
+def test_the_float16_finiteness_test_agrees_with_numpy():
+    """``all_finite`` reads float16 by its exponent bits in L2-sized steps; NumPy's isfinite is the reference."""
+    from diffeat.store.writer import FINITE_STEP, all_finite
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal(3 * FINITE_STEP + 5).astype(np.float16)
+    assert all_finite(x) and all_finite(x[:0]) and all_finite(x[:1])
+    for where in (0, FINITE_STEP - 1, FINITE_STEP, 3 * FINITE_STEP + 4):
+        for bad in (np.nan, np.inf, -np.inf):
+            y = x.copy()
+            y[where] = bad
+            assert all_finite(y) == bool(np.isfinite(y).all()) is False, (where, bad)
+    big = np.full(7, 65504, dtype=np.float16)  # the largest finite float16
+    assert all_finite(big) and all_finite(big.astype(np.float32))

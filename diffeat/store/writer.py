@@ -442,12 +442,22 @@ def _cast(values: np.ndarray, dtype: np.dtype, label: str, rows: np.ndarray,
     return out
 
 
+#: Values per step of the float16 finiteness test: its temporary stays in L2 (a temporary as large as
+#: the array cost page faults: 0.040 s per 49 M values against 0.015 in 256 Ki steps).
+FINITE_STEP = 1 << 18
+
+
 def all_finite(values: np.ndarray) -> bool:
     """Whether every value is finite; float16 by its bits (NumPy's isfinite on float16 is a scalar
     loop: 0.33 s per 131 M values, against 0.05 s for the exponent test)."""
     if values.dtype == np.float16 and values.flags.c_contiguous:
         bits = values.reshape(-1).view(np.uint16)
-        return bool(np.max(bits & np.uint16(0x7C00), initial=0) != 0x7C00)  # all-ones exponent: inf or NaN
+        tmp = np.empty(min(FINITE_STEP, bits.size), dtype=np.uint16)
+        for lo in range(0, bits.size, FINITE_STEP):
+            part = np.bitwise_and(bits[lo:lo + FINITE_STEP], 0x7C00, out=tmp[:min(FINITE_STEP, bits.size - lo)])
+            if part.max() == 0x7C00:  # an all-ones exponent: inf or NaN
+                return False
+        return True
     return bool(np.isfinite(values).all())
 
 
