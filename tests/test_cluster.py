@@ -212,3 +212,18 @@ def test_cluster_client_helper():
             normalize_address(bad)
     assert wants_gpu({"GPU": 1}) and wants_gpu({"cuda": 1}) and not wants_gpu({"memory": 1}) and not wants_gpu(None)
     assert SettingSpec.parse("b=3,t=50,k=1") == SETTINGS[0]
+
+
+def test_a_lost_chunk_is_refused_on_the_workers(store, client, tmp_path):
+    """Workers read no NaN into CKA: a deleted chunk object is a one-line error, as in a local read."""
+    from diffeat.store import open_store
+
+    copy = tmp_path / "feats.zarr"
+    shutil.copytree(store, copy)
+    path = open_store(str(copy)).find(dataset="digits", split="test", block=3, t=50, pool=1).path
+    (copy / path / "c" / "2" / "0" / "0" / "0").unlink()  # rows 32-47 of 16-row chunks
+    with pytest.raises(StoreError, match=r"dask worker .*rows \[32, 33, 34, 35, 36\] \.\.\. of .*no stored chunk"
+                                         r".*verify --repair"):
+        cka_matrix(_sources(copy, SETTINGS[:2]), client=client, route="features", block_rows=32)
+    with pytest.raises(StoreError, match=r"rows \[32, 33, 34, 35, 36\] \.\.\. are missing"):
+        cka_matrix(_sources(copy, SETTINGS[:2]), route="features", block_rows=32)

@@ -36,7 +36,7 @@ import numpy as np
 from diffeat.cka.routes import feature_stats, features_route, gram_row_block
 from diffeat.cka.sources import ArraySource, KeptRows, LoadedSource
 from diffeat.errors import DiffeatError
-from diffeat.store.refs import ArrayRef, open_array, ref_of
+from diffeat.store.refs import ArrayRef, open_array, read_on_worker, ref_of
 from diffeat.store.streaming import RunningMoments, merge_all, prefetch
 
 logger = logging.getLogger(__name__)
@@ -85,9 +85,22 @@ def cluster_refs(client: Any, sources: Sequence[ArraySource], kernel: str, route
 # ---------------------------------------------------------------------------------------------
 # Worker side: open arrays from their refs (cached per process), compute partial statistics.
 
+class WorkerSource(ArraySource):
+    """A source opened from its ref in a worker: reads refuse rows that no stored chunk holds."""
+
+    def __init__(self, ref: ArrayRef):
+        super().__init__(open_array(ref), label=ref.label, chunk_rows=ref.chunk_rows)
+        self.ref = ref
+
+    def read(self, lo: int, hi: int, out: np.ndarray | None = None) -> np.ndarray:
+        """Rows ``[lo, hi)`` as a C-contiguous (hi-lo, D) float array (``store.refs.read_on_worker``)."""
+        rows = None if out is None else out.reshape((hi - lo,) + self.shape[1:])
+        return read_on_worker(self.array, self.ref, lo, hi, self.dtype, out=rows).reshape(hi - lo, self.dim)
+
+
 def open_ref(ref: ArrayRef) -> ArraySource:
     """The ref's array opened read-only in this (worker) process (cached per process), as a source."""
-    return ArraySource(open_array(ref), label=ref.label, chunk_rows=ref.chunk_rows)
+    return WorkerSource(ref)
 
 
 def moments_task(ref: ArrayRef, ranges: Sequence[tuple[int, int]]) -> list[RunningMoments]:

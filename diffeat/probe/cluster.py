@@ -19,8 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from diffeat.probe.data import StreamedRows
-from diffeat.store.fastread import read_rows
-from diffeat.store.refs import ArrayRef, open_array
+from diffeat.store.refs import ArrayRef, open_array, read_on_worker
 from diffeat.store.streaming import RunningMoments
 
 if TYPE_CHECKING:
@@ -37,7 +36,7 @@ def block_moments_task(ref: ArrayRef, ranges: Sequence[tuple[int, int]], fit: Se
     array = open_array(ref)
     out = []
     for (lo, hi), f, v in zip(ranges, fit, val, strict=True):
-        block = read_rows(array, lo, hi, np.float32)
+        block = read_on_worker(array, ref, lo, hi, np.float32, wanted=np.concatenate([f, v]))
         out.append((RunningMoments.of(block[f]), RunningMoments.of(block[v])))
     return out
 

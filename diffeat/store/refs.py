@@ -2,7 +2,9 @@
 
 A cluster task carries an :class:`ArrayRef` (a few strings and ints), never feature data:
 the worker opens the zarr array from the store's location, caches it per process, and
-checks that it has the shape the client saw. Used by CKA's and the probe's cluster passes.
+checks that it has the shape the client saw; :func:`read_on_worker` refuses rows that no
+stored chunk holds, as the client's ``FeatureSet.read`` does. Used by CKA's and the probe's
+cluster passes.
 """
 
 from __future__ import annotations
@@ -13,7 +15,10 @@ import threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
 from diffeat.errors import StoreError
+from diffeat.store.fastread import read_rows
 
 if TYPE_CHECKING:
     import zarr
@@ -89,3 +94,25 @@ def open_array(ref: ArrayRef) -> zarr.Array:
                 _OPEN.clear()
             _OPEN[key] = array
     return array
+
+
+def read_on_worker(array: zarr.Array, ref: ArrayRef, lo: int, hi: int, dtype: np.dtype | type,
+                   out: np.ndarray | None = None, wanted: np.ndarray | None = None) -> np.ndarray:
+    """Rows ``[lo, hi)`` of the ref's array in a worker; a wanted row that no stored chunk holds is a ``StoreError``.
+
+    ``wanted``: offsets in the block of the rows the task uses (None: all). A lost chunk object
+    reads as NaN, its fill value; without this check a cluster run would average NaN into its
+    statistics, where a local run refuses the rows (``FeatureSet.read``). The reader reports the
+    chunks it filled, so no values are scanned.
+    """
+    filled: list[tuple[int, int]] = []
+    block = read_rows(array, lo, hi, dtype, out=out, nan_rows=filled)
+    if filled:
+        lost = np.unique(np.concatenate([np.arange(a, b) for a, b in filled]))
+        if wanted is not None:
+            lost = lost[np.isin(lost, lo + np.asarray(wanted, dtype=np.int64))]
+        if len(lost):
+            raise StoreError(f"dask worker on {socket.gethostname()}: rows {lost[:5].tolist()}"
+                             f"{' ...' if len(lost) > 5 else ''} of {ref.label!r} are in no stored chunk (a chunk "
+                             f"object was lost): run `diffeat verify --repair` on {ref.location}")
+    return block
