@@ -10,6 +10,8 @@ from the store must give the in-memory result.
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -253,6 +255,10 @@ def test_the_default_linear_probe_is_lbfgs_end_to_end(digits, tmp_path):
     # fits stop at the tolerance in other places, which can move one validation image and the choice).
     streamed = probe(heads=["linear"], out=tmp_path / "b", memory_budget=1, save_weights=False, **common).results[0]
     assert streamed.hparams["recipe"] == "lbfgs"
+    # Each streamed fit reads the split at least once per L-BFGS iteration; run.json records the count.
+    assert linear.passes == 0 and streamed.passes >= sum(g["n_iter"] for g in streamed.grid)
+    recorded = json.loads((tmp_path / "b").glob("*/run.json").__next__().read_text())["results"][0]
+    assert recorded["passes"] == streamed.passes
     assert abs(streamed.test["top1"] - linear.test["top1"]) <= 1.0 / len(test) + 1e-12
     again = probe(heads=["linear"], out=tmp_path / "c", save_weights=False, **common).results[0]
     assert again.test == linear.test and again.hparams == linear.hparams  # deterministic

@@ -172,7 +172,8 @@ def run_probe(config: ProbeConfig, *, store: FeatureStore | None = None) -> Prob
             report.results.extend(results)
     report.seconds = time.perf_counter() - t0
     write_run_json(run_dir / "run.json", stage="probe", config=record, started=started, seconds=report.seconds,
-                   results=[{**r.summary(), "grid": r.grid, "val": r.val, "test": r.test, "n_params": r.n_params}
+                   results=[{**r.summary(), "grid": r.grid, "val": r.val, "test": r.test, "n_params": r.n_params,
+                             **({"passes": r.passes} if r.passes is not None else {})}
                             for r in report.results])
     return report
 
@@ -264,7 +265,7 @@ def _convex_result(head: str, out: dict, extra: dict, y_val: np.ndarray, test_sr
                         val=metrics(y_val, chosen["val_topk"], k, chosen["val_loss"]),
                         test=metrics(test_labels, test_top, k, test_loss), grid=grid, refit=o.config.refit,
                         n_train=out["n_train"], seconds=time.perf_counter() - started,
-                        n_params=count_parameters(out["probe"].head))
+                        n_params=count_parameters(out["probe"].head), passes=out.get("passes"))
     return result, out["probe"]
 
 
