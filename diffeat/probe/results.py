@@ -39,7 +39,7 @@ class HeadResult:
     seconds: float
     n_params: int | None = None
     weights: str | None = None
-    passes: int | None = None  # reads of a streamed training split by a convex fit (0: held in memory)
+    passes: int | None = None  # reads of a streamed training split by the L-BFGS fit (0: held in memory)
 
     def summary(self) -> dict:
         """The ``--json`` record: head, setting, top1/top5/val_top1 (fractions), hyperparameters."""
