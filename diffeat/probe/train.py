@@ -84,7 +84,9 @@ class ModuleTrainer:
         rest = [p for p in self.module.parameters() if p.requires_grad and id(p) not in ids]
         groups = [{"params": decay, "weight_decay": point.wd}, {"params": rest, "weight_decay": 0.0}]
         if point.spec.optimizer == "adamw":
-            self.optimizer: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=point.lr)
+            # foreach: one kernel per op over all tensors. torch leaves it off on CPU, where the per-tensor
+            # loop cost the attention head on digits 64.5 s against 56.5 (same accuracies; SGD gained nothing).
+            self.optimizer: torch.optim.Optimizer = torch.optim.AdamW(groups, lr=point.lr, foreach=True)
         else:
             self.optimizer = torch.optim.SGD(groups, lr=point.lr, momentum=MOMENTUM)
 
