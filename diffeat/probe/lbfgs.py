@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import math
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -105,7 +106,7 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> float:
 # The data side: designs (standardised rows) that evaluate the objective
 
 
-class Design:
+class Design(ABC):
     """Standardised rows ``X`` (n, D) with labels: evaluates the objective and runs line searches."""
 
     n: int
@@ -113,17 +114,17 @@ class Design:
     #: relative noise of the objective's value (the line search's Armijo test allows for it)
     f_noise: float = 1e-13
 
+    @abstractmethod
     def start(self, theta: Params, lam: float) -> tuple[float, torch.Tensor]:
         """Objective and flat gradient at ``theta`` (the design remembers the point)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def line(self, theta: Params, p: Params, lam: float) -> Callable[[float], tuple[float, float]]:
         """``phi(α) -> (f(θ + αp), f'(θ + αp)·p)`` for the line search from ``theta`` along ``p``."""
-        raise NotImplementedError
 
+    @abstractmethod
     def accept(self, alpha: float) -> torch.Tensor:
         """Move to ``θ + αp`` (the caller updates θ); return the flat gradient there."""
-        raise NotImplementedError
 
 
 def _lse_in_place(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

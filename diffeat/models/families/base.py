@@ -26,6 +26,7 @@ where only shapes matter) and the pipeline components it needs.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
@@ -171,7 +172,7 @@ def check_multiple(resolution: int, factor: int, why: str, native: int) -> None:
                            f"{factor} ({why}); its native size is {native}")
 
 
-class LatentInput:
+class LatentInput(ABC):
     """What the latent families share: images become latents through the pipeline's VAE.
 
     A subclass sets ``denoiser``, ``vae`` (a ``LatentEncoder``), ``conditioning`` and
@@ -186,8 +187,9 @@ class LatentInput:
     latent = True
     preprocessing = None  # guided-diffusion's center crop to [-1, 1]
 
+    @abstractmethod
     def _factor(self) -> tuple[int, str]:
-        raise NotImplementedError
+        """(pixels the input must be a multiple of, why: the VAE's and the denoiser's downsampling)."""
 
     def check_unconditional(self) -> None:
         """Nothing to do: the family's constructor already refused a model without a null condition."""

@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 
 import torch
@@ -29,7 +30,7 @@ from diffeat.models.families.base import (
 from diffeat.models.schedules import NoiseSchedule
 
 
-class TruncatedTransformer(nn.Module):
+class TruncatedTransformer(nn.Module, ABC):
     """``fwd(x_t, t) -> {block: (N, C, h, w)}`` for a diffusion transformer, stopping after the deepest block.
 
     Subclasses give ``embed`` (the model's forward up to its first block: patch embedding, and
@@ -66,13 +67,13 @@ class TruncatedTransformer(nn.Module):
         return {k: getattr(self, f"cond_{k}").expand(batch, *getattr(self, f"cond_{k}").shape[1:])
                 for k in self._cond_keys}
 
+    @abstractmethod
     def embed(self, sample: torch.Tensor, timestep: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """(patch tokens = block 0, what every block call needs)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def run_block(self, index: int, hidden: torch.Tensor, ctx: dict) -> torch.Tensor:
         """The image tokens after ``transformer_blocks[index]``; may update ``ctx`` (e.g. SD3's text stream)."""
-        raise NotImplementedError
 
     def forward(self, sample: torch.Tensor, timestep: int | torch.Tensor) -> dict[int, torch.Tensor]:
         """The requested blocks of latents ``sample`` at training timesteps ``timestep``."""
@@ -136,9 +137,9 @@ class LatentTransformer(LatentInput):
         return [BlockInfo(b, "pos_embed" if b == 0 else f"transformer_blocks.{b - 1}", "", int(a.shape[1]),
                           int(a.shape[2]), int(a.shape[3])) for b, a in sorted(acts.items())]
 
+    @abstractmethod
     def full_forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """The transformer's own forward with the null conditioning (each family passes its arguments)."""
-        raise NotImplementedError
 
     def on_meta(self) -> LatentTransformer:
         """The same model (transformer, VAE, conditioning shapes) on the meta device."""
