@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 import time
 import warnings
 from collections.abc import Callable, Iterator
@@ -42,6 +41,7 @@ from diffeat.errors import DiffeatError
 from diffeat.extract.config import COMPUTE_DTYPE_NAMES
 from diffeat.extract.loader import ImagesAndNoise, NoisedImages, PreprocessedImages, bad_images, make_loader
 from diffeat.runtime.progress import Progress
+from diffeat.runtime.threads import usable_cpus
 from diffeat.store.writer import BackgroundWriter
 
 if TYPE_CHECKING:
@@ -111,11 +111,7 @@ def default_workers(dev: torch.device) -> int:
     well above what one H100 computes for ADM-256 block 24 (~600/s at 40% of peak),
     while each worker's prefetched batches cost shared memory.
     """
-    try:
-        cpus = len(os.sched_getaffinity(0))
-    except AttributeError:  # not on Linux
-        cpus = os.cpu_count() or 2
-    return max(1, min(8, cpus - 1)) if dev.type == "cuda" else 1
+    return max(1, min(8, usable_cpus() - 1)) if dev.type == "cuda" else 1
 
 
 @dataclass

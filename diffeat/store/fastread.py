@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from diffeat.errors import StoreError
+from diffeat.runtime.threads import usable_cpus
 
 if TYPE_CHECKING:
     import zarr
@@ -57,14 +58,6 @@ CONVERT_STEP = 32768
 #: Smaller reads (a shard index, a tiny chunk) are copied with ``preadv``; a mapping costs more than that.
 MMAP_MIN_BYTES = 64 << 10
 _EMPTY = 2**64 - 1  # an inner chunk that was never written (sharding_indexed)
-
-
-def default_threads() -> int:
-    """The CPUs this process may run on."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except (AttributeError, OSError):
-        return max(1, os.cpu_count() or 1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -364,7 +357,7 @@ class FastReader:
             self.objects: _LocalObjects | _StoreObjects = _LocalObjects(os.path.join(str(store.root), self.path))
         else:
             self.objects = _StoreObjects(store, prefix)
-        self.threads = threads or default_threads()
+        self.threads = threads or max(1, usable_cpus())
         self._encode = array.metadata.encode_chunk_key
 
     @classmethod
@@ -545,6 +538,13 @@ def _inline(fn, *args) -> Future:
 def reader_for(array: zarr.Array, threads: int | None = None) -> FastReader | None:
     """A :class:`FastReader` for ``array`` (None when zarr-python must read it); cheap to build."""
     return FastReader.for_array(array, threads)
+
+
+def rows_of(ranges: list[tuple[int, int]]) -> np.ndarray:
+    """The row indices in ``(a, b)`` ranges (what ``read_rows(..., nan_rows=...)`` reports), ascending, once each."""
+    if not ranges:
+        return np.zeros(0, dtype=np.int64)
+    return np.unique(np.concatenate([np.arange(a, b, dtype=np.int64) for a, b in ranges]))
 
 
 def read_rows(array, lo: int, hi: int, dtype: np.dtype | type | None = np.float32, out: np.ndarray | None = None,

@@ -15,7 +15,7 @@ import zarr
 
 from diffeat.errors import StoreError
 from diffeat.runtime.checks import check_choice
-from diffeat.store.fastread import read_rows
+from diffeat.store.fastread import read_rows, rows_of
 from diffeat.store.layout import STORE_FORMAT, check_name, setting_label
 from diffeat.store.location import absolute, check_location, is_url, local_path
 from diffeat.store.refs import ArrayRef
@@ -155,7 +155,7 @@ class FeatureSet:
             raise damaged(self.info.path, f"rows {lo}-{hi - 1} are unreadable ({type(e).__name__}: "
                                           f"{first_line(e)})") from None
         if nan_rows:
-            missing = np.unique(np.concatenate([np.arange(a, b) for a, b in nan_rows]))
+            missing = rows_of(nan_rows)
             missing = missing[~np.isin(missing, self.skipped)]
             if len(missing):
                 raise damaged(self.info.path, f"rows {missing[:5].tolist()}{' ...' if len(missing) > 5 else ''} "

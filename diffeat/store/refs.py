@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from diffeat.errors import StoreError
-from diffeat.store.fastread import read_rows
+from diffeat.store.fastread import read_rows, rows_of
 
 if TYPE_CHECKING:
     import zarr
@@ -108,7 +108,7 @@ def read_on_worker(array: zarr.Array, ref: ArrayRef, lo: int, hi: int, dtype: np
     filled: list[tuple[int, int]] = []
     block = read_rows(array, lo, hi, dtype, out=out, nan_rows=filled)
     if filled:
-        lost = np.unique(np.concatenate([np.arange(a, b) for a, b in filled]))
+        lost = rows_of(filled)
         if wanted is not None:
             lost = lost[np.isin(lost, lo + np.asarray(wanted, dtype=np.int64))]
         if len(lost):

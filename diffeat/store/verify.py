@@ -44,7 +44,7 @@ import zarr
 from diffeat.errors import StoreError
 from diffeat.runtime.progress import Progress
 from diffeat.store import catalog
-from diffeat.store.fastread import read_rows
+from diffeat.store.fastread import read_rows, rows_of
 from diffeat.store.integrity import entry_problems, setting_problems, table_problems
 from diffeat.store.layout import STORE_FORMAT
 from diffeat.store.reader import FeatureStore, first_line
@@ -396,7 +396,7 @@ def _unit_problem(array: zarr.Array, lo: int, hi: int, skipped: list[int]) -> tu
         return f"unreadable: {type(e).__name__}: {first_line(e)}", 0
     flat = block.reshape(len(block), -1)
     # Rows no stored chunk holds, and skipped rows written as NaN (writers store finite values only).
-    missing = {r for a, b in nan_rows for r in range(a, b)}
+    missing = set(rows_of(nan_rows).tolist())
     missing |= {r for r in skipped if lo <= r < hi and flat.size and np.isnan(flat[r - lo]).any()}
     unexplained = missing - set(skipped)
     if unexplained:
