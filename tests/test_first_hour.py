@@ -114,3 +114,20 @@ def test_demo_console_is_a_few_lines(tmp_path):
     lines = (proc.stdout + proc.stderr).strip().splitlines()
     assert len(lines) < 20, lines
     assert lines[-2].startswith("best: block") and Path(overrides / "summary.md").is_file()
+
+
+def test_ids_from_the_dataset_when_the_store_holds_none_of_it(tmp_path):
+    """A store without the dataset's tables: `ids` reads a built-in dataset itself, and names --root for others."""
+    from diffeat.data import open_dataset
+    from diffeat.store.imports import sample_rows
+
+    store = tmp_path / "empty.zarr"
+    open_store(str(store), mode="a")
+    rows = sample_rows("digits", [], store=str(store))
+    digits = open_dataset("digits", None)
+    want = [s for s in digits.standard_splits]
+    assert [r["split"] for r in rows] == [s for s in want for _ in range(len(digits.samples(s)))]
+    assert [r["id"] for r in rows if r["split"] == want[0]] == list(digits.samples(want[0]).ids)
+    result = CliRunner().invoke(main, ["ids", "--store", str(store), "--dataset", "cub"])
+    assert result.exit_code == 1 and "cub needs a root folder (--root)" in result.output
+    assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)

@@ -290,22 +290,22 @@ def sample_rows(dataset: str, splits: Sequence[str], *, store: str | None = None
     manifest's. ``splits`` empty: every split the store holds, or the dataset's standard pair.
     """
     from diffeat.data import open_dataset
-    from diffeat.store.reader import open_store
 
     fs = open_store(store, storage_options=storage_options) if store else None
+    held = fs.splits(dataset) if fs is not None else []  # one listing of the store (a request on S3)
     layout = None
-    if fs is None or (root is not None and not fs.splits(dataset)):
+    if not held:  # nothing of the dataset in the store: its rows come from the dataset itself
         layout = open_dataset(dataset, root, classes=classes)
     if not splits:
-        splits = fs.splits(dataset) if fs is not None and fs.splits(dataset) else list(layout.standard_splits)
+        splits = held or list(layout.standard_splits)
     out: list[dict] = []
     for split in splits:
-        if fs is not None and split in fs.splits(dataset):
+        if split in held:
             table = fs.sample_rows(dataset, split)
         else:
             if layout is None:
                 raise StoreError(f"no sample table for {dataset}/{split} in {fs.location} (it holds: "
-                                 f"{', '.join(fs.splits(dataset)) or 'none'}); give --root to read the dataset")
+                                 f"{', '.join(held) or 'none'}); give --root to read the dataset")
             t = layout.samples(split)
             table = {"id": np.array(t.ids), "path": np.array(t.relpaths), "label": t.labels,
                      "class_name": np.array(t.class_names)[t.labels]}
