@@ -70,7 +70,7 @@ def _open_source(source: str):
 
     import numpy as np
 
-    from diffeat.errors import DiffeatError
+    from diffeat.errors import DiffeatError, first_line
 
     if source.endswith(".npy"):
         if not os.path.isfile(source):
@@ -78,7 +78,7 @@ def _open_source(source: str):
         try:
             array = np.load(source, mmap_mode="r", allow_pickle=False)
         except (ValueError, OSError, EOFError) as e:
-            raise DiffeatError(f"SOURCE {source} is not a plain .npy array: {str(e).splitlines()[0]}") from None
+            raise DiffeatError(f"SOURCE {source} is not a plain .npy array: {first_line(e)}") from None
         return array, {"source": os.path.abspath(source), "format": "npy", "dtype": str(array.dtype)}
     import zarr
 
@@ -86,5 +86,5 @@ def _open_source(source: str):
         array = zarr.open_array(source, mode="r")
     except Exception as e:  # noqa: BLE001 - zarr raises many kinds for "not an array here"
         raise DiffeatError(f"SOURCE {source} is neither a .npy file nor a zarr array ({type(e).__name__}: "
-                           f"{str(e).splitlines()[0] if str(e) else ''})") from None
+                           f"{first_line(e)})") from None
     return array, {"source": source, "format": "zarr", "dtype": str(array.dtype)}

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from diffeat.errors import DatasetError
+from diffeat.errors import DatasetError, first_line
 
 #: File suffixes read as images by the folder layouts (compared lower-case).
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
@@ -56,7 +56,7 @@ def decode_image(path: Path) -> Image.Image:
     except Image.DecompressionBombError as e:
         raise DatasetError(f"image {path} is refused before decoding: {e}") from e
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError) as e:
-        raise DatasetError(f"cannot decode image {path}: {_first_line(e)}") from e
+        raise DatasetError(f"cannot decode image {path}: {first_line(e)}") from e
 
 
 def _sixteen_bit_to_rgb(img: Image.Image) -> Image.Image:
@@ -66,9 +66,6 @@ def _sixteen_bit_to_rgb(img: Image.Image) -> Image.Image:
     return Image.fromarray(gray, mode="L").convert("RGB")
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0]
 
 
 def preprocess(image: Image.Image, resolution: int) -> np.ndarray:

@@ -29,7 +29,7 @@ from pathlib import Path
 
 from zarr.storage import FsspecStore
 
-from diffeat.errors import StoreError
+from diffeat.errors import StoreError, first_line
 from diffeat.store.location import bucket, is_url, local_path, protocol
 
 #: fsspec protocols whose first path component is a bucket (or container).
@@ -58,9 +58,6 @@ def remote_options(location: str, storage_options: dict | None) -> dict:
     return opts
 
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0]
 
 
 def remote_error(location: str, e: BaseException, *, writing: bool) -> StoreError | None:
@@ -73,7 +70,7 @@ def remote_error(location: str, e: BaseException, *, writing: bool) -> StoreErro
     if isinstance(e, StoreError):
         return e
     names = {c.__name__ for c in type(e).__mro__}
-    why = _first_line(e)
+    why = first_line(e)
     if names & _CREDENTIAL_ERRORS:
         return StoreError(
             f"no credentials for feature store {location} ({why}): set AWS_ACCESS_KEY_ID and "
@@ -302,7 +299,7 @@ class ObjectStore:
             raise  # a remote store's error, translated with the store's URL
         except (PermissionError, OSError) as e:
             raise StoreError(
-                f"feature store {self.location} is not writable ({type(e).__name__}: {_first_line(e)}): extract "
+                f"feature store {self.location} is not writable ({type(e).__name__}: {first_line(e)}): extract "
                 "needs write access; probe, cka, ls and verify work read-only"
             ) from e
 
@@ -313,7 +310,7 @@ class ObjectStore:
         try:
             found = self.fs.ls(self.root, detail=False)
         except FileNotFoundError as e:
-            if "bucket" in _first_line(e).lower():
+            if "bucket" in first_line(e).lower():
                 return missing_bucket(self.location)
             return "nothing is stored under that prefix"
         except Exception as e:  # noqa: BLE001 - access denied, unreachable ...: translated

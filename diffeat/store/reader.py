@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from diffeat.errors import StoreError
+from diffeat.errors import StoreError, first_line
 from diffeat.runtime.checks import check_choice
 from diffeat.store.fastread import read_rows, rows_of
 from diffeat.store.layout import STORE_FORMAT, check_name, setting_label
@@ -82,12 +82,6 @@ def _info_from_entry(e: dict) -> SettingInfo:
     )
 
 
-def first_line(e: BaseException) -> str:
-    """An exception's message, first line only (for one-line errors)."""
-    text = str(e).strip() or type(e).__name__
-    return text.splitlines()[0][:200]
-
-
 def damaged(path: str, what: str) -> StoreError:
     """The one-line error for damage a reader found: what, where, and how to repair it."""
     return StoreError(f"features {path}: {what}; the store is damaged: run `diffeat verify --repair`, then the same "
@@ -153,7 +147,7 @@ class FeatureSet:
             raise
         except Exception as e:  # noqa: BLE001 - any codec can fail on a damaged chunk
             raise damaged(self.info.path, f"rows {lo}-{hi - 1} are unreadable ({type(e).__name__}: "
-                                          f"{first_line(e)})") from None
+                                          f"{first_line(e, 200)})") from None
         if nan_rows:
             missing = rows_of(nan_rows)
             missing = missing[~np.isin(missing, self.skipped)]
@@ -231,7 +225,7 @@ class FeatureStore:
         except StoreError:
             raise
         except Exception as e:  # noqa: BLE001 - a damaged zarr.json fails in json, zarr or numpy
-            problem = f"the root metadata (zarr.json) is unreadable ({type(e).__name__}: {first_line(e)})"
+            problem = f"the root metadata (zarr.json) is unreadable ({type(e).__name__}: {first_line(e, 200)})"
             if not damaged_ok:
                 raise StoreError(f"feature store {self.location}: {problem}; run `diffeat verify --repair`") from None
             self.root, self.root_problem, fmt = None, problem, STORE_FORMAT
@@ -270,7 +264,7 @@ class FeatureStore:
             raise
         except Exception as e:  # noqa: BLE001 - a damaged zarr.json fails in json, zarr or numpy
             raise StoreError(f"{path} in {self.location}: its metadata is missing or unreadable "
-                             f"({type(e).__name__}: {first_line(e)}); run `diffeat verify --repair`") from None
+                             f"({type(e).__name__}: {first_line(e, 200)}); run `diffeat verify --repair`") from None
 
     # -- listing ------------------------------------------------------------------------------
     def list_settings(self, *, walk: bool = False) -> list[SettingInfo]:
@@ -403,7 +397,7 @@ class FeatureStore:
             raise
         except Exception as e:  # noqa: BLE001 - any codec or metadata can fail on a damaged table
             raise StoreError(f"sample table {path} in {self.location} is unreadable ({type(e).__name__}: "
-                             f"{first_line(e)}): run `diffeat verify --repair`, then the same `diffeat extract`"
+                             f"{first_line(e, 200)}): run `diffeat verify --repair`, then the same `diffeat extract`"
                              ) from None
         if not isinstance(attrs, dict) or not attrs.get("complete") or (
                 manifest_sha256 is not None and attrs.get("manifest_sha256") != manifest_sha256):
@@ -468,7 +462,7 @@ class FeatureStore:
         try:
             flags = np.asarray(self.open_array(f"{group}/done")[:])
         except Exception as e:  # noqa: BLE001 - a missing or damaged ledger
-            raise damaged(path, f"its completion ledger is unreadable ({first_line(e)})") from None
+            raise damaged(path, f"its completion ledger is unreadable ({first_line(e, 200)})") from None
         if flags.shape != (n_units,) or not flags.all():
             missing = n_units - int(np.count_nonzero(flags[:n_units])) if flags.ndim == 1 else n_units
             raise damaged(path, f"it is marked complete but {missing} of {n_units} units are not flagged done")

@@ -41,13 +41,13 @@ from typing import Any
 import numpy as np
 import zarr
 
-from diffeat.errors import StoreError
+from diffeat.errors import StoreError, first_line
 from diffeat.runtime.progress import Progress
 from diffeat.store import catalog
 from diffeat.store.fastread import read_rows, rows_of
 from diffeat.store.integrity import entry_problems, setting_problems, table_problems
 from diffeat.store.layout import STORE_FORMAT
-from diffeat.store.reader import FeatureStore, first_line
+from diffeat.store.reader import FeatureStore
 from diffeat.store.writer import SKIPPED, consolidate, create_ledger, read_skips
 
 logger = logging.getLogger(__name__)
@@ -224,7 +224,7 @@ def _read_metadata(store: FeatureStore, keys: dict[str, int], problems: list[Obj
                 raise ValueError(f"node_type {kind!r}")
         except Exception as e:  # noqa: BLE001 - json, zarr and numpy all raise on damaged metadata
             if key != "zarr.json" or store.root_problem is None:
-                problems.append(ObjectProblem(key, f"metadata unreadable ({type(e).__name__}: {first_line(e)})"))
+                problems.append(ObjectProblem(key, f"metadata unreadable ({type(e).__name__}: {first_line(e, 200)})"))
             continue
         out[key] = doc
     for key, doc in out.items():
@@ -308,7 +308,7 @@ def _check_setting(store: FeatureStore, path: str, entries: dict[str, dict], key
             if ids is not None and not np.array_equal(coordinate, ids):
                 check.problems.append(f"{group}/sample: the sample coordinate is not the sample table's ids")
         except Exception as e:  # noqa: BLE001 - a damaged chunk or metadata of the coordinate
-            check.problems.append(f"{group}/sample unreadable ({type(e).__name__}: {first_line(e)})")
+            check.problems.append(f"{group}/sample unreadable ({type(e).__name__}: {first_line(e, 200)})")
     key = catalog.entry_key(check.settings_hash) if check.settings_hash else ""
     entry = entries.get(key)
     if entry is None:
@@ -355,7 +355,7 @@ def _read_flags(store: FeatureStore, group: str, n_units: int, check: SettingChe
         return flags
     except Exception as e:  # noqa: BLE001 - find the damaged flags one by one
         if "metadata" in str(e):
-            check.problems.append(f"ledger unreadable: {first_line(e)}")
+            check.problems.append(f"ledger unreadable: {first_line(e, 200)}")
             check.lost_flags = list(range(n_units))
             return flags - 1
     for u in range(n_units):
@@ -393,7 +393,7 @@ def _unit_problem(array: zarr.Array, lo: int, hi: int, skipped: list[int]) -> tu
     try:
         block = read_rows(array, lo, hi, None, nan_rows=nan_rows)
     except Exception as e:  # noqa: BLE001 - a corrupt chunk can fail in any codec
-        return f"unreadable: {type(e).__name__}: {first_line(e)}", 0
+        return f"unreadable: {type(e).__name__}: {first_line(e, 200)}", 0
     flat = block.reshape(len(block), -1)
     # Rows no stored chunk holds, and skipped rows written as NaN (writers store finite values only).
     missing = set(rows_of(nan_rows).tolist())
@@ -421,7 +421,7 @@ def _check_tables(store: FeatureStore, keys: dict[str, int], problems: list[Obje
                 where = f"{path}/{name}"
                 columns.append(store.open_array(where)[:])
         except Exception as e:  # noqa: BLE001 - a damaged chunk or metadata of the table
-            problems.append(ObjectProblem(where, f"sample table unreadable ({type(e).__name__}: {first_line(e)})"))
+            problems.append(ObjectProblem(where, f"sample table unreadable ({type(e).__name__}: {first_line(e, 200)})"))
             continue
         ids, relpaths, labels, names = columns
         found = table_problems(path, attrs, [str(v) for v in ids], [str(v) for v in relpaths], labels,
@@ -433,7 +433,7 @@ def _check_tables(store: FeatureStore, keys: dict[str, int], problems: list[Obje
                     problems.append(ObjectProblem(f"{path}/sample", "the sample coordinate is not the table's ids"))
             except Exception as e:  # noqa: BLE001 - a damaged chunk or metadata of the coordinate
                 problems.append(ObjectProblem(f"{path}/sample", f"sample coordinate unreadable ({type(e).__name__}: "
-                                                                f"{first_line(e)})"))
+                                                                f"{first_line(e, 200)})"))
 
 
 def _check_claims(keys: dict[str, int], checks: list[SettingCheck], problems: list[ObjectProblem]) -> None:
@@ -486,7 +486,7 @@ def _repair(store: FeatureStore, checks: list[SettingCheck], problems: list[Obje
         try:
             consolidate(store, group)
         except Exception as e:  # noqa: BLE001 - a member's own metadata is damaged: nothing to copy from
-            logger.warning("%s: consolidated metadata not rewritten (%s)", group, first_line(e))
+            logger.warning("%s: consolidated metadata not rewritten (%s)", group, first_line(e, 200))
             for problem in problems:
                 if problem.path == f"{group}/zarr.json":
                     problem.repaired = False
