@@ -259,7 +259,8 @@ class StreamedDesign(Design):
         self.source = source
         self.rows = rows
         self.extra = np.zeros(0, np.int64) if extra is None else extra
-        self.standardize = Standardize(standardize.mean, standardize.inv_std).to(device)
+        # The flat (D,) statistics on the device, once: every pass standardises its blocks with them.
+        self.mean, self.inv = (t.to(device) for t in _flat_stats(standardize, source.feature_shape))
         self.device = device
         self.labels = labels  # (N,) class index of every row of the source, remapped
         self.n = len(rows)
@@ -271,12 +272,11 @@ class StreamedDesign(Design):
         self.passes = 0
 
     def _blocks(self, rows: np.ndarray) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
-        mean, inv = (t.to(self.device) for t in _flat_stats(self.standardize, self.source.feature_shape))
         for r, x in self.source.blocks(rows):
             t = torch.from_numpy(x.reshape(len(r), self.d)).to(self.device, non_blocking=True)
             # In place: both row sources yield a fresh array per block, and a second block-sized
             # tensor per block is what pushed a streamed fit past its memory budget.
-            yield r, t.sub_(mean).mul_(inv)
+            yield r, t.sub_(self.mean).mul_(self.inv)
 
     def evaluate(self, theta: Params) -> None:
         """One pass at ``theta``: mean cross-entropy, its gradient, and the extra rows' logits."""
