@@ -68,7 +68,7 @@ def write_outputs(result: CKAResult, out: str | Path, *, stem: str = "cka", titl
     col_ticks, col_title = axis_labels(result.col_labels, result.settings, with_model=several)
     cfg = result.config
     where = f"{cfg['dataset']}/{cfg['split']}, " if cfg.get("dataset") else ""
-    models = f"{' vs '.join(result.models)}: " if result.models else ""
+    models = result.models_prefix
     heatmap(result.matrix, row_ticks, col_ticks, paths["png"], vmin=0.0, vmax=1.0,
             title=title or f"{models}{result.kernel} CKA ({result.estimator}), {where}n={result.n}",
             cbar_label="CKA", xlabel=col_title, ylabel=row_title)

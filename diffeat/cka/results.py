@@ -40,6 +40,11 @@ class CKAResult:
         return sorted({str(s["model"]) for s in self.settings if s.get("model")})
 
     @property
+    def models_prefix(self) -> str:
+        """``"a vs b: "`` naming the compared models, for titles and console lines ("" when unknown)."""
+        return f"{' vs '.join(self.models)}: " if self.models else ""
+
+    @property
     def square(self) -> bool:
         """True when rows and columns are the same settings."""
         return self.row_labels == self.col_labels

@@ -89,7 +89,7 @@ def cka(as_json, **options):
         doc = result.pair_json() if pair else result.matrix_json()
         echo_json({**doc, "files": result.files} if result.files else doc)
         return
-    models = f"{' vs '.join(result.models)}: " if result.models else ""
+    models = result.models_prefix
     if pair:
         value = f"{result.value:.4f}" if math.isfinite(result.value) else "n/a"
         click.echo(f"{models}CKA({result.row_labels[0]}, {result.col_labels[0]}) = {value}  "
@@ -104,7 +104,7 @@ def cka(as_json, **options):
 def _print_matrix(result) -> None:
     """The matrix as a text table (wide matrices: just the shape; the CSV has the values)."""
     m = result.matrix
-    models = f"{' vs '.join(result.models)}: " if result.models else ""
+    models = result.models_prefix
     click.echo(f"{models}{result.kernel} CKA ({result.estimator}), n={result.n}, route {result.route}, "
                f"{m.shape[0]}×{m.shape[1]} in {result.seconds:.1f} s")
     if m.shape[1] > 12:

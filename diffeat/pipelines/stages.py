@@ -273,7 +273,7 @@ REPORT = StageKind(
     own_options=("probe", "cka", "out", "metric", "title"),
     own_required=("probe", "out"),
     own_lists=("probe", "cka"),
-    own_check=lambda args, where: _check_report(args, where),
+    own_check=_check_report,
     run=_run_report,
     present=lambda outputs, args: all(Path(p).is_file() for p in outputs.get("files", {}).values())
     and bool(outputs.get("files")),

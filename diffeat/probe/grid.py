@@ -122,7 +122,7 @@ def trained_heads(specs: list[HeadSpec], train_src: RowSource, test_src: RowSour
             # Too large a learning rate for these features: the head blew up. It stays in the
             # grid (recorded as diverged) but can never be chosen.
             v.update(top1=float("nan"), top5=float("nan"), balanced_acc=float("nan"), loss=float("nan"))
-    _log_diverged(points, diverged, base)
+    _log_diverged(points, diverged, label)
     chosen: dict[str, int] = {}
     candidates: set[int] = set()
     for s in specs:
@@ -175,14 +175,13 @@ def train_batch(n_fit: int, config: ProbeConfig, *, convex: bool = False) -> int
     return max(min(config.batch_size, MIN_BATCH), min(config.batch_size, wanted))
 
 
-def _log_diverged(points: list[GridPoint], diverged: list[bool], base: dict) -> None:
+def _log_diverged(points: list[GridPoint], diverged: list[bool], label: str) -> None:
     """One warning per head whose grid has diverged points (they are kept in the results, never chosen)."""
     for name in dict.fromkeys(p.spec.name for p in points):
         idx = [i for i, p in enumerate(points) if p.spec.name == name]
         bad = [points[i] for i in idx if diverged[i]]
         if bad:
             lrs = ", ".join(f"{lr:g}" for lr in sorted({p.lr for p in bad}))
-            label = setting_label(base.get("block"), base.get("t"), base.get("pool"), base.get("name"))
             logger.warning("%s: %d of %d %s grid points diverged (lr %s): never chosen; --lr sets smaller rates",
                            label, len(bad), len(idx), name, lrs)
 

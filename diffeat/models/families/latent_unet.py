@@ -163,7 +163,7 @@ class LatentUNet(LatentInput):
         return (self.vae.scale * self._unet_factor,
                 f"the VAE downsamples {self.vae.scale}x and the U-Net {self._unet_factor}x more")
 
-    def meta_inputs(self, resolution: int | None = None) -> dict:
+    def meta_inputs(self) -> dict:
         """The forward's conditioning on the meta device, batch 1 (block tables, FLOP counts)."""
         meta = self.conditioning.on_meta().tensors
         inputs: dict = {"encoder_hidden_states": meta["encoder_hidden_states"]}

@@ -165,16 +165,6 @@ class PixelUNet:
         """Provenance: the schedule and where it came from."""
         return {"schedule": self.schedule.as_dict()}
 
-    def meta_inputs(self) -> dict:
-        """Extra forward inputs on the meta device, batch 1 (for FLOP counting)."""
-        from diffeat.models.blocks import model_inputs
-
-        config = self.denoiser.config
-        if getattr(config, "num_class_embeds", None):
-            # a class-conditional model costs the same with any label; model_inputs refuses it on purpose
-            return {"class_labels": torch.zeros(1, dtype=torch.long, device="meta")}
-        return model_inputs(self.denoiser, 1, "meta", torch.float32)
-
     def to(self, device: torch.device | str) -> PixelUNet:
         """Move the U-Net."""
         self.denoiser.to(device)

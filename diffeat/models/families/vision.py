@@ -227,10 +227,6 @@ class VisionBackbone:
         """Pixels are the model input."""
         return pixels.float()
 
-    def preprocessing_at(self, resolution: int | None = None) -> ImagePreprocessing:
-        """The model's preprocessing, scaled to ``resolution`` (default: its own crop size)."""
-        return self.preprocessing.at(resolution or self.native_resolution)
-
     def feature_forward(self, blocks: Sequence[int]) -> nn.Module:
         """``TruncatedBackbone``, called as ``fwd(x, t)`` with ``t`` ignored."""
         return TruncatedBackbone(self.denoiser, self.arch, blocks)
@@ -302,8 +298,8 @@ def is_vision_config(config: dict) -> bool:
     return "_class_name" not in config and "model_type" in config
 
 
-def check_folder(folder: Path, config: dict | None = None) -> tuple[Architecture, str]:
-    """(architecture, class to load) of a transformers folder, every file checked to be there, before any weight loads.
+def check_folder(folder: Path, config: dict | None = None) -> tuple[Architecture, str, ImagePreprocessing]:
+    """(architecture, class to load, preprocessing) of a transformers folder, all checked before any weight loads.
 
     One-line errors for an unsupported ``model_type`` or ``architectures`` entry, missing weights and
     a missing or unsupported ``preprocessor_config.json``.
@@ -322,8 +318,7 @@ def check_folder(folder: Path, config: dict | None = None) -> tuple[Architecture
     if not any((folder / name).is_file() for name in WEIGHT_FILES):
         raise ModelError(f"{folder}: no weights (model.safetensors or pytorch_model.bin) beside config.json; fetch "
                          "them with the config, e.g. `hf download <repo> --local-dir <folder>`")
-    read_processor_config(folder)
-    return arch, cls_name
+    return arch, cls_name, read_processor_config(folder)
 
 
 def load_folder(folder: Path, dtype: torch.dtype | None = None) -> VisionBackbone:
@@ -332,8 +327,7 @@ def load_folder(folder: Path, dtype: torch.dtype | None = None) -> VisionBackbon
 
     from diffeat.models.components import check_loading_info
 
-    arch, cls_name = check_folder(folder)
-    preprocessing = read_processor_config(folder)
+    arch, cls_name, preprocessing = check_folder(folder)
     cls = getattr(transformers, cls_name, None)
     if cls is None:
         raise ModelError(f"{folder}: transformers {transformers.__version__} has no {cls_name}")
