@@ -86,12 +86,15 @@ ARCHITECTURES["digits-ddpm"] = {
 UNET_CLASSES = ("UNet2DModel", "UNet2DConditionModel")
 
 
-def build_random(arch: str, seed: int = 0) -> nn.Module:
-    """Build the ``UNet2DModel`` architecture ``arch`` with seeded random weights."""
+def build_random(arch: str, seed: int = 0, device: str = "cpu") -> nn.Module:
+    """Build the ``UNet2DModel`` architecture ``arch`` with seeded random weights, on ``device`` ("meta": shapes only).
+
+    On the CPU these are the weights every earlier version built (the same seed, the same order).
+    """
     from diffusers import UNet2DModel
 
     check_choice(arch, sorted(ARCHITECTURES), "random:<arch>", error=ModelError)
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
         return UNet2DModel(**ARCHITECTURES[arch])
 
@@ -205,13 +208,7 @@ def _load(folder: Path, index: dict, dtype: torch.dtype | None) -> PixelUNet:
 
 def _random(arch: str):
     def build(device: str) -> PixelUNet:
-        if device == "cpu":
-            return PixelUNet(build_random(arch))  # the weights every earlier version built
-        from diffusers import UNet2DModel
-
-        with torch.random.fork_rng(devices=[]), torch.device(device):
-            torch.manual_seed(0)
-            return PixelUNet(UNet2DModel(**ARCHITECTURES[arch]))
+        return PixelUNet(build_random(arch, device=device))
 
     return build
 
