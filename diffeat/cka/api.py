@@ -254,24 +254,19 @@ def open_specs(store: FeatureStore, dataset: str, split: str, specs: Sequence[Se
     out = []
     for spec in _every_block(store, dataset, split, specs, model):
         if spec.name is not None:
-            fs = store.open_features(dataset=dataset, split=split, name=spec.name, model=_stored(spec.model))
+            fs = store.open_features(dataset=dataset, split=split, name=spec.name, model=spec.model)
         else:
             fs = store.open_features(dataset=dataset, split=split, block=spec.block, t=spec.t, pool=spec.pool,
-                                     model=_stored(spec.model or model))
+                                     model=spec.model or model)
         out.append(FeatureSetSource(fs))
     return out
-
-
-def _stored(model: str | None) -> str | None:
-    """The store's name of ``model`` (see ``open_specs``)."""
-    from diffeat.store.layout import model_store_name
-
-    return None if model is None else model_store_name(model)
 
 
 def _every_block(store: FeatureStore, dataset: str, split: str, specs: Sequence[SettingSpec],
                  model: str | None) -> list[SettingSpec]:
     """``specs`` with each ``block=*`` replaced by one spec per stored block matching its other keys, in block order."""
+    from diffeat.store.reader import matching
+
     out: list[SettingSpec] = []
     listed = None
     for spec in specs:
@@ -279,10 +274,9 @@ def _every_block(store: FeatureStore, dataset: str, split: str, specs: Sequence[
             out.append(spec)
             continue
         if listed is None:
-            listed = [s for s in store.list_settings() if s.dataset == dataset and s.split == split
-                      and s.name is None and s.block is not None]
-        want = {"model": _stored(spec.model or model), "t": spec.t, "pool": spec.pool}
-        blocks = sorted({s.block for s in listed if all(v is None or getattr(s, k) == v for k, v in want.items())})
+            listed = [s for s in store.list_settings() if s.dataset == dataset and s.split == split]
+        want = {"model": spec.model or model, "t": spec.t, "pool": spec.pool}
+        blocks = sorted({s.block for s in matching(listed, **want) if s.block is not None})
         if not blocks:
             store.find(dataset=dataset, split=split, **want)  # raises, saying what the store holds
         out += [SettingSpec(b, spec.t, spec.pool, spec.model or model) for b in blocks]

@@ -59,7 +59,6 @@ from diffeat.runtime.devices import resolve_device
 from diffeat.runtime.memory import fmt_bytes, memory_budget
 from diffeat.runtime.threads import compute_threads
 from diffeat.store import FeatureSet, FeatureStore, as_store
-from diffeat.store.layout import model_store_name
 from diffeat.store.reader import store_option
 
 logger = logging.getLogger(__name__)
@@ -131,7 +130,7 @@ def run_probe(config: ProbeConfig, *, store: FeatureStore | None = None) -> Prob
     pairs: dict[str, tuple[FeatureSet, FeatureSet]] = {}
     for b, t, p in itertools.product(c.blocks or [None], c.ts or [None], c.pools or [None]):
         tr, te = _pair(fs, c.dataset, c.train_split, c.test_split, b, t, p,
-                       model_store_name(c.model) if c.model else None, c.name)
+                       c.model, c.name)
         pairs.setdefault(tr.info.path, (tr, te))
     for tr, _ in pairs.values():
         shape = tuple(tr.array.shape[1:])

@@ -6,7 +6,7 @@ import dataclasses
 import functools
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -16,7 +16,7 @@ import zarr
 from diffeat.errors import StoreError, first_line
 from diffeat.runtime.checks import check_choice
 from diffeat.store.fastread import read_rows, rows_of
-from diffeat.store.layout import STORE_FORMAT, check_name, setting_label
+from diffeat.store.layout import STORE_FORMAT, check_name, model_store_name, setting_label
 from diffeat.store.location import absolute, check_location, is_url, local_path
 from diffeat.store.refs import ArrayRef
 from diffeat.store.streaming import aligned_rows, block_ranges
@@ -86,6 +86,19 @@ def damaged(path: str, what: str) -> StoreError:
     """The one-line error for damage a reader found: what, where, and how to repair it."""
     return StoreError(f"features {path}: {what}; the store is damaged: run `diffeat verify --repair`, then the same "
                       "`diffeat extract` to recompute what it unflags")
+
+
+def matching(settings: Iterable[SettingInfo], *, model: str | None = None, block: int | None = None,
+             t: int | None = None, pool: int | None = None, name: str | None = None) -> list[SettingInfo]:
+    """The ``settings`` whose given keys match (None: any); without ``name``, extracted settings only.
+
+    ``model`` may be named as the store lists it (``random-resnet50``) or as ``extract --model`` was
+    given it (``random:resnet50``, ``microsoft/resnet-50``, a folder): ``model_store_name``.
+    """
+    wanted = {"model": None if model is None else model_store_name(model), "block": block, "t": t, "pool": pool,
+              "name": name}
+    return [s for s in settings if all(v is None or getattr(s, k) == v for k, v in wanted.items())
+            and (name is not None or s.name is None)]
 
 
 @dataclass
@@ -308,13 +321,12 @@ class FeatureStore:
 
     def find(self, *, dataset: str, split: str, block: int | None = None, t: int | None = None,
              pool: int | None = None, model: str | None = None, name: str | None = None) -> SettingInfo:
-        """The one setting that matches, or a ``StoreError`` saying what exists."""
+        """The one setting that matches (see :func:`matching`), or a ``StoreError`` saying what exists."""
         of_dataset = [s for s in self.list_settings() if s.dataset == dataset]
         candidates = [s for s in of_dataset if s.split == split]
-        wanted = {"model": model, "block": block, "t": t, "pool": pool, "name": name}
-        matches = [s for s in candidates if all(v is None or getattr(s, k) == v for k, v in wanted.items())]
-        if name is None:
-            matches = [s for s in matches if s.name is None]
+        wanted = {"model": None if model is None else model_store_name(model), "block": block, "t": t, "pool": pool,
+                  "name": name}
+        matches = matching(candidates, **wanted)
         if len(matches) == 1:
             return matches[0]
         asked = ", ".join(f"{k}={v}" for k, v in {"dataset": dataset, "split": split, **wanted}.items() if v is not None)
