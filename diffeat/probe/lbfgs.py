@@ -126,6 +126,13 @@ class Design(ABC):
     def accept(self, alpha: float) -> torch.Tensor:
         """Move to ``θ + αp`` (the caller updates θ); return the flat gradient there."""
 
+    def snapshot(self) -> tuple | None:
+        """What :meth:`restore` needs to come back to the current point without a pass (None: nothing kept)."""
+        return None
+
+    def restore(self, snap: tuple | None) -> None:
+        """Go back to a :meth:`snapshot` (the caller restores θ to its point); a design that kept none re-reads."""
+
 
 def _lse_in_place(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``(logsumexp(z, 1), Σ_k exp(z - max))`` in float64, leaving ``exp(z - max)`` in ``z``.
@@ -652,7 +659,7 @@ def fit(train: RowSource, fit_rows: np.ndarray, val_rows: np.ndarray, std_fit: S
                  "seconds": info.seconds}
         grid.append(entry)
         solutions[float(c)] = theta.flat.clone()
-        snapshots[float(c)] = design.snapshot() if isinstance(design, DenseDesign) else None
+        snapshots[float(c)] = design.snapshot()
         logger.info("lbfgs C=%.3g: val top-1 %.4f, %d iterations, max|grad| %.2e, %.2f s", c,
                     float((entry["val_topk"][:, 0] == y_val_np).mean()), info.n_iter, info.grad_max, info.seconds)
         return entry
@@ -674,8 +681,7 @@ def fit(train: RowSource, fit_rows: np.ndarray, val_rows: np.ndarray, std_fit: S
         if all(not math.isclose(c, e["hparams"]["C"]) for e in grid):
             nearest = min(solutions, key=lambda v: abs(math.log(v / c)))
             theta.flat.copy_(solutions[nearest])
-            if isinstance(design, DenseDesign):
-                design.restore(snapshots[nearest])
+            design.restore(snapshots[nearest])
             history.clear()  # they describe the path's last point, not this start
             try_c(c)
     best = max(sorted(grid, key=lambda e: e["hparams"]["C"]), key=score)
