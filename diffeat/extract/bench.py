@@ -374,16 +374,18 @@ def _time_forwards(spec: str, block: int, module_name: str, t: int, res: int, dt
     first_call = time.perf_counter() - start
     cosine = _cosines(prepared.fwd, x, tt, block, micro, dtype, dev) if dtype != "float32" else None
 
-    # The naive baseline: full fp32 forward, a hook, no early exit, no autocast, default memory format.
-    # The full fp32 forward keeps every skip: it may not fit the forward's batch.
-    naive_batch = _naive_batch(model, module_name, x, tt, batch_size, dev)
-    xn = x[:naive_batch].contiguous()
-
     def as_forward() -> None:
         unet.to(memory_format=torch.channels_last if cuda else torch.contiguous_format)
 
     def as_naive() -> None:
         unet.to(memory_format=torch.contiguous_format)
+
+    # The naive baseline: full fp32 forward, a hook, no early exit, no autocast, default memory format.
+    # The full fp32 forward keeps every skip: it may not fit the forward's batch. Its batch is probed in
+    # the naive layout (the forward left the U-Net channels_last on CUDA).
+    as_naive()
+    naive_batch = _naive_batch(model, module_name, x, tt, batch_size, dev)
+    xn = x[:naive_batch].contiguous()
 
     phases = {"forward": (_micro_runner(prepared.call, x, tt, micro, autocast), as_forward),
               "naive": (_naive_runner(model, module_name, xn, tt[:naive_batch]), as_naive)}
