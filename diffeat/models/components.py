@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 from torch import nn
 
 from diffeat.errors import ModelError
+from diffeat.models.json_files import read_json
 
 logger = logging.getLogger(__name__)
 
@@ -63,11 +63,7 @@ def weights_sha256(module: nn.Module) -> str:
 
 def read_model_index(folder: Path) -> dict:
     """``model_index.json`` of a pipeline folder."""
-    path = folder / "model_index.json"
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelError(f"{path} is not valid JSON: {e}") from e
+    return read_json(folder / "model_index.json")
 
 
 def declared(index: dict, name: str) -> tuple[str, str] | None:
@@ -93,7 +89,7 @@ def _class(folder: Path, index: dict, name: str) -> tuple[str, type]:
     decl = declared(index, name)
     if decl is None:  # a component folder model_index.json does not list: its config names the class
         config = folder / name / "config.json"
-        cls_name = json.loads(config.read_text()).get("_class_name") if config.is_file() else None
+        cls_name = read_json(config).get("_class_name") if config.is_file() else None
         decl = ("diffusers", cls_name) if cls_name else None
     if decl is None:
         raise ModelError(f"{folder}: cannot tell the class of component `{name}` (no model_index.json entry)")

@@ -23,7 +23,6 @@ pickle, and strictly: a missing or unexpected weight is an error naming it.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from dataclasses import dataclass
@@ -48,6 +47,7 @@ from diffeat.models.families.pixel_unet import (
     load_unet,
 )
 from diffeat.models.families.vision import check_folder, is_vision_config
+from diffeat.models.json_files import read_json
 from diffeat.runtime.checks import check_choice
 from diffeat.store.layout import is_hub_id, model_store_name, safe_name
 
@@ -106,10 +106,7 @@ def _denoiser_name(folder: Path, index: dict) -> tuple[str, str] | None:
             return name, decl[1]
         config = folder / name / "config.json"
         if config.is_file():
-            try:
-                return name, json.loads(config.read_text()).get("_class_name", "UNet2DModel")
-            except json.JSONDecodeError as e:
-                raise ModelError(f"{config} is not valid JSON: {e}") from e
+            return name, read_json(config).get("_class_name", "UNet2DModel")
     return None
 
 
@@ -136,10 +133,7 @@ def _load_folder(path: Path, dtype: torch.dtype | None) -> FeatureModel:
             f"{path} is not a diffusers model folder: expected {path / 'config.json'} (a UNet2DModel folder), "
             f"{path / 'model_index.json'} (a pipeline folder) or {path / 'unet' / 'config.json'}"
         )
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelError(f"{config_file} is not valid JSON: {e}") from e
+    config = read_json(config_file)
     if is_vision_config(config):  # a transformers folder (model_type, no _class_name): a vision backbone
         return FAMILIES["vision"].load(path, {}, dtype)
     class_name = config.get("_class_name", "UNet2DModel")
@@ -191,10 +185,7 @@ def _folder_family(path: Path) -> ModelFamily:
         return family_for(found[1], has_vae)
     config_file = path / "config.json"
     if config_file.is_file():
-        try:
-            config = json.loads(config_file.read_text())
-        except json.JSONDecodeError as e:
-            raise ModelError(f"{config_file} is not valid JSON: {e}") from e
+        config = read_json(config_file)
         if is_vision_config(config):
             check_folder(path, config)
             return FAMILIES["vision"]

@@ -21,7 +21,6 @@ rule (not where it came from) enters the settings hash of every setting extracte
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -30,6 +29,7 @@ import numpy as np
 from PIL import Image
 
 from diffeat.errors import ModelError
+from diffeat.models.json_files import read_json
 
 #: Image-processor classes whose rule this module reproduces (``image_processor_type`` or the older
 #: ``feature_extractor_type``), by the transformers class that reads their config.
@@ -207,8 +207,4 @@ def read_processor_config(folder: Path) -> ImagePreprocessing:
     if not path.is_file():
         raise ModelError(f"{folder}: no preprocessor_config.json (the model's own image preprocessing: resize, crop, "
                          "mean/std); fetch it with the weights, e.g. `hf download <repo> preprocessor_config.json`")
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelError(f"{path} is not valid JSON: {e}") from e
-    return from_processor_config(config, str(path))
+    return from_processor_config(read_json(path), str(path))

@@ -20,7 +20,6 @@ every store written before schedules were read from configs recorded, so their s
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,6 +28,7 @@ import numpy as np
 import torch
 
 from diffeat.errors import DiffeatError, ModelError
+from diffeat.models.json_files import read_json
 from diffeat.models.noise import NUM_TRAIN_TIMESTEPS, alphas_cumprod
 
 #: What ADM-family models without a scheduler config get; recorded exactly as stores have always recorded it.
@@ -229,8 +229,5 @@ def read_schedule(folder: Path, *, required: bool) -> NoiseSchedule:
             raise ModelError(f"{folder} has no scheduler/scheduler_config.json: the pipeline folder is missing its "
                              "`scheduler` component (diffeat noises images with the model's own training schedule)")
         return ADM_LINEAR
-    try:
-        config = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise ModelError(f"{path} is not valid JSON: {e}") from e
+    config = read_json(path)
     return schedule_from_config(config, source=f"{path.parent.name}/{path.name} ({config.get('_class_name', '?')})")

@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,6 +22,7 @@ from torch import nn
 
 from diffeat.errors import ModelError
 from diffeat.models.families.base import ModelFamily
+from diffeat.models.json_files import read_json
 from diffeat.models.schedules import ADM_LINEAR, NoiseSchedule, read_schedule
 from diffeat.runtime.checks import check_choice
 
@@ -181,10 +181,7 @@ def load_unet(folder: Path, subfolder: str | None, dtype: torch.dtype | None) ->
     from diffeat.models.components import check_loading_info
 
     config_file = folder / (subfolder or "") / "config.json"
-    try:
-        class_name = json.loads(config_file.read_text()).get("_class_name", "UNet2DModel")
-    except json.JSONDecodeError as e:
-        raise ModelError(f"{config_file} is not valid JSON: {e}") from e
+    class_name = read_json(config_file).get("_class_name", "UNet2DModel")
     if class_name not in UNET_CLASSES:
         from diffeat.models.families import supported_families
 
