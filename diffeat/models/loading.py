@@ -110,8 +110,8 @@ def _denoiser_name(folder: Path, index: dict) -> tuple[str, str] | None:
     return None
 
 
-def _load_pipeline(folder: Path, dtype: torch.dtype | None) -> FeatureModel:
-    """A pipeline folder (``model_index.json``, or at least a ``unet/`` subfolder): its family decides the rest."""
+def _pipeline_family(folder: Path) -> tuple[ModelFamily, dict, str]:
+    """(family, model_index.json contents, denoiser class) of a pipeline folder, from its JSON files alone."""
     index = read_model_index(folder) if (folder / "model_index.json").is_file() else {}
     found = _denoiser_name(folder, index)
     if found is None:
@@ -119,7 +119,12 @@ def _load_pipeline(folder: Path, dtype: torch.dtype | None) -> FeatureModel:
                          f"`transformer` component; diffeat supports: {supported_families()}")
     _, class_name = found
     has_vae = declared(index, "vae") is not None or (folder / "vae").is_dir()
-    family = family_for(class_name, has_vae)
+    return family_for(class_name, has_vae), index, class_name
+
+
+def _load_pipeline(folder: Path, dtype: torch.dtype | None) -> FeatureModel:
+    """A pipeline folder (``model_index.json``, or at least a ``unet/`` subfolder): its family decides the rest."""
+    family, index, class_name = _pipeline_family(folder)
     logger.info("%s: %s family (%s)", folder, family.name, class_name)
     return family.load(folder, index, dtype)
 
@@ -177,12 +182,7 @@ def _load_cached_hub(repo_id: str, dtype: torch.dtype | None) -> FeatureModel:
 def _folder_family(path: Path) -> ModelFamily:
     """The family of a folder from its JSON files alone (no weight is read); a vision folder is checked whole."""
     if (path / "model_index.json").is_file() or (path / "unet" / "config.json").is_file():
-        index = read_model_index(path) if (path / "model_index.json").is_file() else {}
-        found = _denoiser_name(path, index)
-        if found is None:
-            return _load_pipeline(path, None).family  # raises the loader's own error
-        has_vae = declared(index, "vae") is not None or (path / "vae").is_dir()
-        return family_for(found[1], has_vae)
+        return _pipeline_family(path)[0]
     config_file = path / "config.json"
     if config_file.is_file():
         config = read_json(config_file)
