@@ -214,24 +214,18 @@ def _settings(loaded: LoadedModel, tab: SampleTable, info: BlockInfo, t: int | N
     ``preprocess`` is the rule of its own image processor.
     """
     model = loaded.model
-    if t is None:
-        return {
-            "feature_version": FEATURE_VERSION,
-            "model": {"name": loaded.name, "weights_sha256": loaded.weights_sha256},
-            "dataset": {"name": tab.dataset, "split": tab.split, "manifest_sha256": tab.manifest_sha256()},
-            "block": info.index, "module": info.module, "pool": k, "resolution": res,
-            "preprocess": model.preprocessing.at(res).identity(),
-            "compute_dtype": dtype, "store_dtype": store_dtype, "family": model.identity(res),
-        }
     settings = {
         "feature_version": FEATURE_VERSION,
         "model": {"name": loaded.name, "weights_sha256": loaded.weights_sha256},
         "dataset": {"name": tab.dataset, "split": tab.split, "manifest_sha256": tab.manifest_sha256()},
-        "block": info.index, "module": info.module, "t": t, "pool": k, "resolution": res,
-        "preprocess": PREPROCESS,
-        "noise": {"schedule": model.schedule.describe(), "rule": NOISE_RULE, "seed": seed, "draws": draws},
+        "block": info.index, "module": info.module, "pool": k, "resolution": res,
         "compute_dtype": dtype, "store_dtype": store_dtype,
-    }
+    }  # the hash is of canonical (key-sorted) JSON: the order of the keys here does not matter
+    if t is None:
+        settings.update(preprocess=model.preprocessing.at(res).identity(), family=model.identity(res))
+        return settings
+    settings.update(t=t, preprocess=PREPROCESS,
+                    noise={"schedule": model.schedule.describe(), "rule": NOISE_RULE, "seed": seed, "draws": draws})
     family = model.identity(res)
     if family:
         settings["family"] = family
