@@ -207,10 +207,7 @@ def peek_family(spec: str) -> ModelFamily:
     """
     path = Path(spec).expanduser()
     if spec.startswith("random:"):
-        families = random_architectures()
-        arch = spec.split(":", 1)[1]
-        check_choice(arch, sorted(families), "random:<arch>", error=ModelError)
-        return families[arch]
+        return _random_family(spec.split(":", 1)[1])
     if spec in BUILTIN_MODELS:
         return FAMILIES["pixel-unet"]
     if path.is_dir():
@@ -221,11 +218,16 @@ def peek_family(spec: str) -> ModelFamily:
     raise ModelError(f"internal: {spec} has no family")
 
 
-def build_random_model(arch: str, device: str = "cpu") -> FeatureModel:
-    """``random:<arch>`` of any family, with seeded random weights built on ``device`` ("meta": shapes only)."""
+def _random_family(arch: str) -> ModelFamily:
+    """The family that builds ``random:<arch>``, or a one-line error listing the architectures."""
     families = random_architectures()
     check_choice(arch, sorted(families), "random:<arch>", error=ModelError)
-    return families[arch].architectures[arch](device)
+    return families[arch]
+
+
+def build_random_model(arch: str, device: str = "cpu") -> FeatureModel:
+    """``random:<arch>`` of any family, with seeded random weights built on ``device`` ("meta": shapes only)."""
+    return _random_family(arch).architectures[arch](device)
 
 
 def load_model(spec: str, *, dtype: torch.dtype | None = None, device: str = "cpu") -> LoadedModel:
