@@ -10,17 +10,26 @@ so that the machine's load falls on all of them alike:
 raw objects            the chunk/shard files' bytes, no decoding
 numcodecs decode       ``numcodecs.Blosc().decode`` of every chunk from bytes already in memory
                        (single thread): **the limit every ratio is taken against**
-decode into a new      the same decode into each chunk's place in a newly allocated array (and,
+crc32c                 ``google_crc32c`` over every chunk's bytes: the checksum every diffeat read
+                       verifies (zarr-python's crc32c codec does too), which decoding alone skips
+decode into a reused   the same decode into each chunk's place in an array allocated once (and,
 array                  from float16, decoded in a cache-sized scratch and cast to float32 by torch):
-                       what any reader that returns the whole array in memory pays at least, since
-                       a new array's first touch costs a page fault per 4 KiB (0.25–1.06 s of
-                       kernel time per 1.3 GB on the 2-core VM, varying run to run)
+                       the floor of a streaming reader that decodes into reused buffers; as float32
+                       it writes twice the bytes (1.3 GB at about 6.5 GB/s measured here)
+decode into a new      the same into a newly allocated array: what any reader that returns the whole
+array                  array in memory pays at least, since a new array's first touch costs a page
+                       fault per 4 KiB (0.16–1.06 s of kernel time per 1.3 GB on the 2-core VM,
+                       varying run to run)
 np.load                the same values from a ``.npy`` file
 zarr-python            ``array[:]``
 tensorstore            ``ts.open(zarr3 spec).read()`` (when tensorstore is importable)
 FeatureSet.load        ``FeatureSet.load(float16 / float32)``
-iter_blocks            ``FeatureSet.iter_blocks(4096 rows, float16 / float32)``
-fast path              ``diffeat.store.fastread``: float16 and float32 out, 1 and 2 threads
+iter_blocks            ``FeatureSet.iter_blocks(4096 rows, float16 / float32)``, into new blocks and
+                       into reused buffers (``reuse=True``: what the probe's and CKA's passes do)
+fast path              ``diffeat.store.fastread``: float16 and float32 out, 1 and 2 threads, into a
+                       new array and block by block into one buffer kept across rounds (the steady
+                       state of a long pass; ``iter_blocks(reuse=True)`` allocates its ``2 + prefetch``
+                       buffers afresh each pass, so a 5-block array reuses only two)
 =====================  ====================================================================
 
 Figures per reader: median wall and CPU seconds (``time.process_time``: every thread of the
@@ -28,9 +37,11 @@ process) over the rounds, decoded MB/s (store-dtype bytes / wall), and CPU and w
 multiple of the numcodecs decode. Files are read from the page cache (warm): the benchmark
 measures the CPU cost of reading, not the disk.
 
-Writing (``--write``): the same array through ``import_features``, through plain zarr
-(``zarr.create_array`` with diffeat's chunks, shards and codecs, then ``array[:] = x``) and
-``np.save``, interleaved over the rounds, each into a fresh directory.
+Writing (``--write``): the same array through ``import_features``, through the extract writer
+(256-row batches into a ``SettingWriter`` on its ``BackgroundWriter`` thread, as ``diffeat
+extract`` hands it the forward's output), through plain zarr (``zarr.create_array`` with
+diffeat's chunks, shards and codecs, then ``array[:] = x``) and ``np.save``, interleaved over
+the rounds, each into a fresh directory.
 
 Usage::
 
@@ -96,6 +107,26 @@ def write_import(fs, x: np.ndarray) -> None:
     from diffeat.store.imports import import_features
 
     import_features(fs, "synthetic", "train", "bench", x, store_dtype=str(x.dtype))
+
+
+def write_as_extract(fs, x: np.ndarray, batch: int = 256) -> None:
+    """``x`` written the way ``diffeat extract`` writes a setting: ``batch``-row batches handed to a
+    ``SettingWriter`` through the ``BackgroundWriter`` thread, whole units written as they fill."""
+    from diffeat.store.layout import settings_hash
+    from diffeat.store.writer import BackgroundWriter, SettingWriter
+
+    settings = {"bench": "extract writer", "shape": list(x.shape), "store_dtype": str(x.dtype)}
+    meta = {"settings": settings, "settings_hash": settings_hash(settings),
+            "setting": {"model": "bench", "dataset": "synthetic", "split": "train", "block": 0, "t": 0, "pool": 0,
+                        "name": None}}
+    writer = SettingWriter.open(fs, "features/bench/synthetic/train/b0-t0-p0", tuple(x.shape), str(x.dtype), meta,
+                                label="bench")
+    writer.claim_all()
+    background = BackgroundWriter()
+    for lo in range(0, len(x), batch):
+        background.put(writer, np.arange(lo, min(len(x), lo + batch)), x[lo:lo + batch])
+    background.close()
+    assert writer.publish()
 
 
 def write_plain_zarr(path: Path, x: np.ndarray) -> None:
@@ -191,10 +222,16 @@ def main() -> None:
 
         # The sample table is a prerequisite of an import (extract writes it), not part of it.
         tables = [store_with_table(work / f"import{r}.zarr", len(x)) for r in range(args.rounds)]
+        extract_stores = [store_with_table(work / f"extract{r}.zarr", len(x)) for r in range(args.rounds)]
 
         def import_once():
             fs = tables.pop(0)
             write_import(fs, x)
+            shutil.rmtree(fs.location)
+
+        def extract_once():
+            fs = extract_stores.pop(0)
+            write_as_extract(fs, x)
             shutil.rmtree(fs.location)
 
         def zarr_once():
@@ -208,8 +245,8 @@ def main() -> None:
             p.unlink()
 
         print(f"\n## writing {x.shape} {x.dtype} ({mb:.0f} MB), {args.rounds} rounds, interleaved\n")
-        wt = run_rounds({"plain zarr (arr[:] = x)": zarr_once, "diffeat import": import_once, "np.save": npy_once},
-                        args.rounds)
+        wt = run_rounds({"plain zarr (arr[:] = x)": zarr_once, "diffeat import": import_once,
+                         "extract writer (256-row batches)": extract_once, "np.save": npy_once}, args.rounds)
         table(wt, mb, "plain zarr (arr[:] = x)", what="writer", versus="zarr")
 
     store = work / "store.zarr"
@@ -243,9 +280,17 @@ def main() -> None:
 
     chunk_bytes = layout.chunk_bytes
 
-    def decode_fresh(dtype: np.dtype) -> np.ndarray:
-        """Every chunk decoded into its place in a new array (``dtype`` float32: through a scratch, cast by torch)."""
-        out = np.empty((len(encoded) * layout.chunk_rows,) + x.shape[1:], dtype)
+    reused: dict[np.dtype, np.ndarray] = {}
+
+    def decode_into(dtype: np.dtype, reuse: bool = False) -> np.ndarray:
+        """Every chunk decoded into its place in a new (or a reused) array (float32: through a scratch, cast by torch)."""
+        shape = (len(encoded) * layout.chunk_rows,) + x.shape[1:]
+        if reuse:
+            out = reused.get(dtype)
+            if out is None:
+                out = reused[dtype] = np.zeros(shape, dtype)
+        else:
+            out = np.empty(shape, dtype)
         if dtype == x.dtype:
             flat = out.reshape(-1).view(np.uint8)
             for i, chunk in enumerate(encoded):
@@ -262,11 +307,21 @@ def main() -> None:
         for p in files:
             p.read_bytes()
 
+    def crc_all():
+        for chunk in crc_chunks:
+            google_crc32c.value(chunk)
+
+    import google_crc32c
+
+    crc_chunks = [np.frombuffer(c, np.uint8) for c in encoded]
+    f32 = np.dtype(np.float32)
     cases: dict[str, Callable[[], object]] = {
         "numcodecs decode (1 thread)": decode_all,
-        "decode into a new array": lambda: decode_fresh(x.dtype),
-        **({"decode + cast into a new float32": lambda: decode_fresh(np.dtype(np.float32))}
-           if x.dtype == np.float16 else {}),
+        "crc32c of every chunk": crc_all,
+        "decode into a reused array": lambda: decode_into(x.dtype, reuse=True),
+        "decode into a new array": lambda: decode_into(x.dtype),
+        **({"decode + cast into a reused float32": lambda: decode_into(f32, reuse=True),
+            "decode + cast into a new float32": lambda: decode_into(f32)} if x.dtype == np.float16 else {}),
         "raw object files, no decode": raw_all,
         "np.load": lambda: np.load(work / "x.npy"),
         "zarr-python arr[:]": lambda: array[:],
@@ -284,15 +339,29 @@ def main() -> None:
         "FeatureSet.load(float32)": lambda: fset.load(np.float32),
         "iter_blocks float16": lambda: [b.shape for _, b in fset.iter_blocks(4096, np.float16)],
         "iter_blocks float32": lambda: [b.shape for _, b in fset.iter_blocks(4096, np.float32)],
+        "iter_blocks float16, reused buffers": lambda: [b.shape for _, b in fset.iter_blocks(4096, np.float16,
+                                                                                             reuse=True)],
+        "iter_blocks float32, reused buffers": lambda: [b.shape for _, b in fset.iter_blocks(4096, np.float32,
+                                                                                             reuse=True)],
     })
+    blocks = fset.block_ranges(4096)
+    steady: dict[np.dtype, np.ndarray] = {}  # one block buffer per dtype, kept across rounds
+
+    def into_reused_blocks(reader: FastReader, dtype: np.dtype) -> None:
+        """Every 4,096-row block read into the same buffer: a long streaming pass's steady state."""
+        buf = steady.setdefault(dtype, np.zeros((blocks[0][1],) + x.shape[1:], dtype))
+        for lo, hi in blocks:
+            reader.read(lo, hi, dtype, out=buf[:hi - lo])
+
     for threads in (1, 2):
         reader = FastReader.for_array(array, threads=threads)
-        for dtype in (np.float16, np.float32):
-            cases[f"fast path {np.dtype(dtype).name}, {threads} thread{'s' if threads > 1 else ''}"] = (
-                lambda r=reader, d=dtype: r.read(0, len(x), d))
+        for dtype in (np.dtype(np.float16), np.dtype(np.float32)):
+            name = f"fast path {dtype.name}, {threads} thread{'s' if threads > 1 else ''}"
+            cases[name] = lambda r=reader, d=dtype: r.read(0, len(x), d)
+            cases[f"{name}, reused blocks"] = lambda r=reader, d=dtype: into_reused_blocks(r, d)
     if args.only:
         wanted = [w.strip() for w in args.only.split(",")]
-        cases = {k: v for k, v in cases.items() if k.startswith(("numcodecs", "decode")) or any(w in k for w in wanted)}
+        cases = {k: v for k, v in cases.items() if k.startswith(("numcodecs", "decode", "crc")) or any(w in k for w in wanted)}
 
     # Correctness before speed: the fast path returns zarr's values bitwise.
     ref = np.asarray(array[:])

@@ -110,6 +110,46 @@ def test_a_diffeat_import_reads_like_featureset_load(tmp_path):
     assert _same(read_rows(features.array, 3, 9, None), features.array[3:9])
 
 
+@pytest.mark.parametrize("prefetch", [0, 1, 2])
+def test_blocks_in_reused_buffers_equal_new_blocks(tmp_path, prefetch):
+    """``iter_blocks(reuse=True)`` decodes into ``prefetch + 2`` buffers in turn, with the values of new blocks.
+
+    Each block is checked when it arrives, against the imported values; the count of distinct
+    buffers pins the ring's size (one buffer short, the reading thread would overwrite the
+    block the caller holds).
+    """
+    from diffeat.data.table import SampleTable
+    from diffeat.store import open_store
+    from diffeat.store.imports import import_features
+    from diffeat.store.streaming import BlockRing
+    from diffeat.store.writer import write_sample_table
+
+    n = 1000
+    x = np.random.default_rng(4).standard_normal((n, 16, 2, 2)).astype(np.float16)
+    fs = open_store(str(tmp_path / "s.zarr"), mode="a")
+    write_sample_table(fs, SampleTable("d", "train", None, tuple(f"s{i}" for i in range(n)), ("",) * n,
+                                       np.zeros(n, np.int64), ("c",)))
+    import_features(fs, "d", "train", "x", x, store_dtype="float16", chunk_rows=64)
+    features = open_store(str(tmp_path / "s.zarr")).open_features(dataset="d", split="train", name="x")
+    rows = 128  # two chunks per block, the last one partial: 8 blocks
+    assert len(features.block_ranges(rows)) == 8
+    for dtype in (np.float16, np.float32):
+        held, buffers = [], set()
+        for lo, block in features.iter_blocks(rows, dtype, prefetch=prefetch, reuse=True):
+            assert block.dtype == dtype and block.flags.c_contiguous
+            held.append(block)
+            buffers.add(block.__array_interface__["data"][0])
+            assert _same(block.copy(), x[lo:lo + len(block)].astype(dtype)), (dtype, lo)
+        assert len(buffers) == (prefetch + 2 if prefetch else 1)
+        assert not _same(np.concatenate(held), x.astype(dtype))  # held blocks were overwritten: copy what you keep
+        fresh = [b for _, b in features.iter_blocks(rows, dtype, prefetch=prefetch)]
+        assert _same(np.concatenate(fresh), x.astype(dtype))
+    ring = BlockRing(2, 4, (3,), np.float32)
+    assert ring.take(4).shape == (4, 3) and ring.take(2).shape == (2, 3)
+    with pytest.raises(ValueError, match="does not fit"):
+        ring.take(5)
+
+
 def test_a_damaged_chunk_fails_its_checksum(tmp_path):
     array = _create(str(tmp_path / "a.zarr"), "float16", "chunked")
     array[:] = _values("float16")

@@ -106,7 +106,9 @@ def open_ref(ref: ArrayRef) -> ArraySource:
 def moments_task(ref: ArrayRef, ranges: Sequence[tuple[int, int]]) -> list[RunningMoments]:
     """The moments of each row block ``ranges`` (merged by the client in row order)."""
     source = open_ref(ref)
-    return [RunningMoments.of(block) for block in prefetch(source.read(lo, hi) for lo, hi in ranges)]
+    ring = source.ring(max((hi - lo for lo, hi in ranges), default=1))  # RunningMoments.of keeps nothing of a block
+    blocks = (source.read(lo, hi, out=None if ring is None else ring.take(hi - lo)) for lo, hi in ranges)
+    return [RunningMoments.of(block) for block in prefetch(blocks)]
 
 
 def features_task(refs: dict[int, ArrayRef], moments: dict[int, RunningMoments], group: list[tuple[int, int]],

@@ -16,7 +16,13 @@ import numpy as np
 
 from diffeat.errors import DiffeatError, StoreError
 from diffeat.store.fastread import read_rows
-from diffeat.store.streaming import RunningMoments, block_ranges, merge_all, prefetch
+from diffeat.store.streaming import (
+    BlockRing,
+    RunningMoments,
+    block_ranges,
+    merge_all,
+    prefetch,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -73,10 +79,21 @@ class ArraySource:
             return [(lo, min(self.n, lo + rows)) for lo in range(0, self.n, max(1, rows))]
         return block_ranges(self.n, self.chunk_rows, rows)
 
-    def iter_blocks(self, rows: int) -> Iterator[tuple[int, np.ndarray]]:
-        """``(start, block)`` over :meth:`block_ranges`."""
+    def iter_blocks(self, rows: int, ring: BlockRing | None = None) -> Iterator[tuple[int, np.ndarray]]:
+        """``(start, block)`` over :meth:`block_ranges`, decoded into the buffers of ``ring`` when given."""
         for lo, hi in self.block_ranges(rows):
-            yield lo, self.read(lo, hi)
+            yield lo, self.read(lo, hi, out=None if ring is None else ring.take(hi - lo))
+
+    def ring(self, rows: int, depth: int = 1) -> BlockRing | None:
+        """Reusable buffers for decoding blocks of up to ``rows`` rows read ahead ``depth`` deep (:class:`BlockRing`).
+
+        None for an array that is not a zarr array: an in-memory array's rows are a view (or
+        one cast), and copying them into a buffer would add work instead of saving it.
+        """
+        if not hasattr(self.array, "metadata"):
+            return None
+        most = max((hi - lo for lo, hi in self.block_ranges(rows)), default=1)
+        return BlockRing.for_prefetch(depth, max(most, rows), (self.dim,), self.dtype)
 
 
 class FeatureSetSource(ArraySource):
@@ -222,10 +239,17 @@ def check_aligned(sources: Sequence[ArraySource]) -> int:
 
 def iter_rows(sources: Sequence[ArraySource], rows: int, lo: int = 0, hi: int | None = None,
               depth: int = 1) -> Iterator[tuple[int, list[np.ndarray]]]:
-    """Common row blocks ``(start, [block of each source])`` over ``[lo, hi)``, read ahead in a thread."""
+    """Common row blocks ``(start, [block of each source])`` over ``[lo, hi)``, read ahead in a thread.
+
+    Blocks of zarr arrays are decoded into reused buffers (:class:`BlockRing`): a block is valid
+    until the next one is requested. Every caller centres or gathers a block into a new array at once.
+    """
     hi = sources[0].n if hi is None else hi
     ranges = [(a, min(hi, a + rows)) for a in range(lo, hi, rows)]
-    return prefetch(((a, [s.read(a, b) for s in sources]) for a, b in ranges), depth=depth)
+    rings = [s.ring(rows, depth) for s in sources]
+    blocks = ((a, [s.read(a, b, out=None if ring is None else ring.take(b - a)) for s, ring in zip(sources, rings)])
+              for a, b in ranges)
+    return prefetch(blocks, depth=depth)
 
 
 def gather_rows(sources: Sequence[ArraySource], index: np.ndarray, rows: int) -> list[np.ndarray]:
@@ -246,7 +270,8 @@ def gather_rows(sources: Sequence[ArraySource], index: np.ndarray, rows: int) ->
 
 def moments(source: ArraySource, rows: int) -> RunningMoments:
     """One streaming pass: column means and centred sums of squares, merged per block (Chan et al.)."""
-    return merge_all((RunningMoments.of(block) for _, block in prefetch(source.iter_blocks(rows))), (source.dim,))
+    blocks = prefetch(source.iter_blocks(rows, source.ring(rows)))  # RunningMoments.of keeps nothing of a block
+    return merge_all((RunningMoments.of(block) for _, block in blocks), (source.dim,))
 
 
 def load(source: ArraySource, rows: int) -> LoadedSource:

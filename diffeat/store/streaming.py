@@ -7,6 +7,10 @@ sources and routes, the probe's streamed rows and statistics pass, their dask wo
   shards), so each chunk is fetched and decoded exactly once;
 * :func:`prefetch` reads the next block in a thread while the caller works on this one
   (blosc and the crc32c codec release the GIL, so decoding overlaps BLAS);
+* :class:`BlockRing` hands a streaming reader the same few block buffers over and over, so a
+  pass over a setting does not pay the first touch of new memory for every block (a page
+  fault per 4 KiB: a pass over 20,000 × 16,384 float16 rows took 0.59 CPU s into new blocks
+  and 0.42 into reused ones on the 2-core VM, 1.04 and 0.70 as float32);
 * :class:`RunningMoments` folds per-feature count, mean and centred sum of squares in float64
   block by block with Chan et al.'s merge, which has no ``Σx² - n·mean²`` cancellation.
 """
@@ -37,6 +41,41 @@ def block_ranges(n: int, chunk_rows: int, rows: int) -> list[tuple[int, int]]:
     """``(lo, hi)`` of contiguous blocks of about ``rows`` rows over ``[0, n)``, each whole stored chunks."""
     step = aligned_rows(rows, chunk_rows)
     return [(lo, min(n, lo + step)) for lo in range(0, n, step)]
+
+
+class BlockRing:
+    """``count`` reusable buffers of up to ``rows`` rows, handed out in turn by :meth:`take`.
+
+    For a consumer that is done with a block when it asks for the next one (a statistics pass,
+    a gradient pass, CKA's centring, which copies): a block taken from the ring is overwritten
+    ``count`` takes later. Behind :func:`prefetch` of depth ``d``, the caller holds one block,
+    the queue ``d`` and the reading thread fills one more, so :meth:`for_prefetch` makes
+    ``d + 2`` buffers: as many blocks as a stream of new arrays has alive at once, so memory
+    does not grow. Buffers are allocated at their first use.
+    """
+
+    def __init__(self, count: int, rows: int, row_shape: tuple[int, ...], dtype: np.dtype | type):
+        self.count = max(1, int(count))
+        self.rows = int(rows)
+        self.row_shape = tuple(row_shape)
+        self.dtype = np.dtype(dtype)
+        self._buffers: list[np.ndarray] = []
+        self._next = 0
+
+    @classmethod
+    def for_prefetch(cls, depth: int, rows: int, row_shape: tuple[int, ...], dtype: np.dtype | type) -> BlockRing:
+        """A ring for blocks read ahead by :func:`prefetch` ``depth`` deep (``depth + 2`` buffers; 1 when 0)."""
+        return cls(depth + 2 if depth > 0 else 1, rows, row_shape, dtype)
+
+    def take(self, rows: int) -> np.ndarray:
+        """The next buffer, as a C-contiguous ``(rows, *row_shape)`` array (its first ``rows`` rows)."""
+        if rows > self.rows:
+            raise ValueError(f"a block of {rows} rows does not fit the ring's {self.rows}-row buffers")
+        i = self._next
+        self._next = (i + 1) % self.count
+        if i == len(self._buffers):
+            self._buffers.append(np.empty((self.rows,) + self.row_shape, dtype=self.dtype))
+        return self._buffers[i][:rows]
 
 
 def prefetch(items: Iterable[T], depth: int = 1, name: str = "diffeat-read-ahead") -> Iterator[T]:
