@@ -15,7 +15,7 @@ round; the summary gives median wall and CPU seconds, test top-1 and the ratios 
 
 ``--scale``: N_train 200 000 × D 4 096 (1.6 GB as float16) and 100 classes, probed with
 ``--memory-budget 1G`` (the split is streamed from the store), in a child process whose peak
-resident memory (``ru_maxrss``) is reported next to its memory after imports.
+resident memory (``VmHWM``) is reported next to its memory after imports.
 
 Usage::
 
@@ -106,7 +106,19 @@ def run_head(store: Path, work: Path, spec: str, args, budget) -> dict:
 
 
 def rss_mib() -> float:
-    """Peak resident memory of this process so far, MiB (``ru_maxrss``)."""
+    """Peak resident memory of this process so far, MiB.
+
+    ``VmHWM`` of ``/proc/self/status`` where there is one: Linux carries ``ru_maxrss`` across
+    ``exec``, so a child started by a parent holding the 2.4 GB it just wrote reported 2.4 GB
+    before doing anything. ``ru_maxrss`` elsewhere.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
