@@ -84,16 +84,15 @@ class ArraySource:
         for lo, hi in self.block_ranges(rows):
             yield lo, self.read(lo, hi, out=None if ring is None else ring.take(hi - lo))
 
-    def ring(self, rows: int, depth: int = 1) -> BlockRing | None:
-        """Reusable buffers for decoding blocks of up to ``rows`` rows read ahead ``depth`` deep (:class:`BlockRing`).
+    def ring(self, max_rows: int, depth: int = 1) -> BlockRing | None:
+        """Reusable buffers for decoding blocks of up to ``max_rows`` rows read ahead ``depth`` deep (:class:`BlockRing`).
 
         None for an array that is not a zarr array: an in-memory array's rows are a view (or
         one cast), and copying them into a buffer would add work instead of saving it.
         """
         if not hasattr(self.array, "metadata"):
             return None
-        most = max((hi - lo for lo, hi in self.block_ranges(rows)), default=1)
-        return BlockRing.for_prefetch(depth, max(most, rows), (self.dim,), self.dtype)
+        return BlockRing.for_prefetch(depth, max(1, max_rows), (self.dim,), self.dtype)
 
 
 class FeatureSetSource(ArraySource):
@@ -246,7 +245,7 @@ def iter_rows(sources: Sequence[ArraySource], rows: int, lo: int = 0, hi: int | 
     """
     hi = sources[0].n if hi is None else hi
     ranges = [(a, min(hi, a + rows)) for a in range(lo, hi, rows)]
-    rings = [s.ring(rows, depth) for s in sources]
+    rings = [s.ring(min(rows, hi - lo), depth) for s in sources]
     blocks = ((a, [s.read(a, b, out=None if ring is None else ring.take(b - a)) for s, ring in zip(sources, rings)])
               for a, b in ranges)
     return prefetch(blocks, depth=depth)
@@ -270,7 +269,8 @@ def gather_rows(sources: Sequence[ArraySource], index: np.ndarray, rows: int) ->
 
 def moments(source: ArraySource, rows: int) -> RunningMoments:
     """One streaming pass: column means and centred sums of squares, merged per block (Chan et al.)."""
-    blocks = prefetch(source.iter_blocks(rows, source.ring(rows)))  # RunningMoments.of keeps nothing of a block
+    ring = source.ring(max((hi - lo for lo, hi in source.block_ranges(rows)), default=1))
+    blocks = prefetch(source.iter_blocks(rows, ring))  # RunningMoments.of keeps nothing of a block
     return merge_all((RunningMoments.of(block) for _, block in blocks), (source.dim,))
 
 
