@@ -37,7 +37,7 @@ from diffeat.cka.routes import feature_stats, features_route, gram_row_block
 from diffeat.cka.sources import ArraySource, KeptRows, LoadedSource
 from diffeat.errors import DiffeatError
 from diffeat.store.refs import ArrayRef, open_array, read_on_worker, ref_of
-from diffeat.store.streaming import RunningMoments, merge_all, prefetch
+from diffeat.store.streaming import RunningMoments, buffer_for, merge_all, prefetch
 
 logger = logging.getLogger(__name__)
 
@@ -106,8 +106,8 @@ def open_ref(ref: ArrayRef) -> ArraySource:
 def moments_task(ref: ArrayRef, ranges: Sequence[tuple[int, int]]) -> list[RunningMoments]:
     """The moments of each row block ``ranges`` (merged by the client in row order)."""
     source = open_ref(ref)
-    ring = source.ring(max((hi - lo for lo, hi in ranges), default=1))  # RunningMoments.of keeps nothing of a block
-    blocks = (source.read(lo, hi, out=None if ring is None else ring.take(hi - lo)) for lo, hi in ranges)
+    ring = source.ring(ranges)  # RunningMoments.of keeps nothing of a block
+    blocks = (source.read(lo, hi, out=buffer_for(ring, lo, hi)) for lo, hi in ranges)
     return [RunningMoments.of(block) for block in prefetch(blocks)]
 
 

@@ -20,6 +20,7 @@ from diffeat.store.streaming import (
     BlockRing,
     RunningMoments,
     block_ranges,
+    buffer_for,
     merge_all,
     prefetch,
 )
@@ -79,20 +80,26 @@ class ArraySource:
             return [(lo, min(self.n, lo + rows)) for lo in range(0, self.n, max(1, rows))]
         return block_ranges(self.n, self.chunk_rows, rows)
 
-    def iter_blocks(self, rows: int, ring: BlockRing | None = None) -> Iterator[tuple[int, np.ndarray]]:
-        """``(start, block)`` over :meth:`block_ranges`, decoded into the buffers of ``ring`` when given."""
-        for lo, hi in self.block_ranges(rows):
-            yield lo, self.read(lo, hi, out=None if ring is None else ring.take(hi - lo))
+    def iter_blocks(self, rows: int, *, reuse: bool = False, depth: int = 1) -> Iterator[tuple[int, np.ndarray]]:
+        """``(start, block)`` over :meth:`block_ranges`.
 
-    def ring(self, max_rows: int, depth: int = 1) -> BlockRing | None:
-        """Reusable buffers for decoding blocks of up to ``max_rows`` rows read ahead ``depth`` deep (:class:`BlockRing`).
+        ``reuse``: decoded into a :meth:`ring` for a read-ahead ``depth`` deep (a block is valid
+        until the next one is requested).
+        """
+        ranges = self.block_ranges(rows)
+        ring = self.ring(ranges, depth) if reuse else None
+        for lo, hi in ranges:
+            yield lo, self.read(lo, hi, out=buffer_for(ring, lo, hi))
+
+    def ring(self, ranges: Sequence[tuple[int, int]], depth: int = 1) -> BlockRing | None:
+        """Reusable buffers for decoding the row ``ranges`` read ahead ``depth`` deep (:class:`BlockRing`).
 
         None for an array that is not a zarr array: an in-memory array's rows are a view (or
         one cast), and copying them into a buffer would add work instead of saving it.
         """
         if not hasattr(self.array, "metadata"):
             return None
-        return BlockRing.for_prefetch(depth, max(1, max_rows), (self.dim,), self.dtype)
+        return BlockRing.for_blocks(ranges, depth, (self.dim,), self.dtype)
 
 
 class FeatureSetSource(ArraySource):
@@ -245,9 +252,8 @@ def iter_rows(sources: Sequence[ArraySource], rows: int, lo: int = 0, hi: int | 
     """
     hi = sources[0].n if hi is None else hi
     ranges = [(a, min(hi, a + rows)) for a in range(lo, hi, rows)]
-    rings = [s.ring(min(rows, hi - lo), depth) for s in sources]
-    blocks = ((a, [s.read(a, b, out=None if ring is None else ring.take(b - a)) for s, ring in zip(sources, rings)])
-              for a, b in ranges)
+    rings = [s.ring(ranges, depth) for s in sources]
+    blocks = ((a, [s.read(a, b, out=buffer_for(ring, a, b)) for s, ring in zip(sources, rings)]) for a, b in ranges)
     return prefetch(blocks, depth=depth)
 
 
@@ -269,8 +275,7 @@ def gather_rows(sources: Sequence[ArraySource], index: np.ndarray, rows: int) ->
 
 def moments(source: ArraySource, rows: int) -> RunningMoments:
     """One streaming pass: column means and centred sums of squares, merged per block (Chan et al.)."""
-    ring = source.ring(max((hi - lo for lo, hi in source.block_ranges(rows)), default=1))
-    blocks = prefetch(source.iter_blocks(rows, ring))  # RunningMoments.of keeps nothing of a block
+    blocks = prefetch(source.iter_blocks(rows, reuse=True))  # RunningMoments.of keeps nothing of a block
     return merge_all((RunningMoments.of(block) for _, block in blocks), (source.dim,))
 
 

@@ -31,6 +31,7 @@ from diffeat.store.streaming import (
     RunningMoments,
     aligned_rows,
     block_ranges,
+    buffer_for,
     prefetch,
 )
 
@@ -180,9 +181,8 @@ class StreamedRows(RowSource):
         wanted = [(lo, hi) for lo, hi in (self.ranges[i] for i in order)
                   if np.searchsorted(rows, lo) < np.searchsorted(rows, hi)]
         depth = 1
-        ring = (BlockRing.for_prefetch(depth, max(hi - lo for lo, hi in wanted), self.feature_shape, np.float32)
-                if reuse and wanted else None)
-        blocks = ((lo, hi, self._read(lo, hi, None if ring is None else ring.take(hi - lo))) for lo, hi in wanted)
+        ring = BlockRing.for_blocks(wanted, depth, self.feature_shape, np.float32) if reuse else None
+        blocks = ((lo, hi, self._read(lo, hi, buffer_for(ring, lo, hi))) for lo, hi in wanted)
         for lo, hi, block in prefetch(blocks, depth=depth, name="diffeat-probe-read"):
             r = rows[np.searchsorted(rows, lo):np.searchsorted(rows, hi)]
             yield r, block if len(r) == hi - lo else block[r - lo]  # every row wanted: no copy

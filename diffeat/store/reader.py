@@ -19,7 +19,7 @@ from diffeat.store.fastread import read_rows, rows_of
 from diffeat.store.layout import STORE_FORMAT, check_name, model_store_name, setting_label
 from diffeat.store.location import absolute, check_location, is_url, local_path
 from diffeat.store.refs import ArrayRef
-from diffeat.store.streaming import BlockRing, aligned_rows, block_ranges
+from diffeat.store.streaming import BlockRing, aligned_rows, block_ranges, buffer_for
 from diffeat.store.streaming import prefetch as read_ahead
 
 logger = logging.getLogger(__name__)
@@ -188,12 +188,10 @@ class FeatureSet:
         """
         ranges = self.block_ranges(rows)
         ring = None
-        if reuse and ranges:
+        if reuse:
             out_dtype = self.array.dtype if dtype is None else dtype
-            ring = BlockRing.for_prefetch(prefetch, max(hi - lo for lo, hi in ranges), tuple(self.array.shape[1:]),
-                                          out_dtype)
-        blocks = ((lo, self.read(lo, hi, dtype, out=None if ring is None else ring.take(hi - lo)))
-                  for lo, hi in ranges)
+            ring = BlockRing.for_blocks(ranges, prefetch, tuple(self.array.shape[1:]), out_dtype)
+        blocks = ((lo, self.read(lo, hi, dtype, out=buffer_for(ring, lo, hi))) for lo, hi in ranges)
         yield from read_ahead(blocks, depth=prefetch)
 
     def to_dask(self, rows: int = 4096):

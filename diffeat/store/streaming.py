@@ -49,7 +49,7 @@ class BlockRing:
     For a consumer that is done with a block when it asks for the next one (a statistics pass,
     a gradient pass, CKA's centring, which copies): a block taken from the ring is overwritten
     ``count`` takes later. Behind :func:`prefetch` of depth ``d``, the caller holds one block,
-    the queue ``d`` and the reading thread fills one more, so :meth:`for_prefetch` makes
+    the queue ``d`` and the reading thread fills one more, so :meth:`for_blocks` makes
     ``d + 2`` buffers: as many blocks as a stream of new arrays has alive at once, so memory
     does not grow. Buffers are allocated at their first use.
     """
@@ -63,8 +63,13 @@ class BlockRing:
         self._next = 0
 
     @classmethod
-    def for_prefetch(cls, depth: int, rows: int, row_shape: tuple[int, ...], dtype: np.dtype | type) -> BlockRing:
-        """A ring for blocks read ahead by :func:`prefetch` ``depth`` deep (``depth + 2`` buffers; 1 when 0)."""
+    def for_blocks(cls, ranges: Iterable[tuple[int, int]], depth: int, row_shape: tuple[int, ...],
+                   dtype: np.dtype | type) -> BlockRing:
+        """A ring for the row ``ranges`` read ahead by :func:`prefetch` ``depth`` deep.
+
+        ``depth + 2`` buffers (1 when 0), each the size of the largest range.
+        """
+        rows = max((hi - lo for lo, hi in ranges), default=1)
         return cls(depth + 2 if depth > 0 else 1, rows, row_shape, dtype)
 
     def take(self, rows: int) -> np.ndarray:
@@ -76,6 +81,11 @@ class BlockRing:
         if i == len(self._buffers):
             self._buffers.append(np.empty((self.rows,) + self.row_shape, dtype=self.dtype))
         return self._buffers[i][:rows]
+
+
+def buffer_for(ring: BlockRing | None, lo: int, hi: int) -> np.ndarray | None:
+    """Where to decode rows ``[lo, hi)``: the ring's next buffer, or None (a new array) without a ring."""
+    return None if ring is None else ring.take(hi - lo)
 
 
 def prefetch(items: Iterable[T], depth: int = 1, name: str = "diffeat-read-ahead") -> Iterator[T]:
