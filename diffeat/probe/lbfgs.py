@@ -281,8 +281,9 @@ class StreamedDesign(Design):
     def _blocks(self, rows: np.ndarray) -> Iterator[tuple[np.ndarray, torch.Tensor]]:
         for r, x in self.source.blocks(rows):
             t = torch.from_numpy(x.reshape(len(r), self.d)).to(self.device, non_blocking=True)
-            # In place: both row sources yield a fresh array per block, and a second block-sized
-            # tensor per block is what pushed a streamed fit past its memory budget.
+            # In place: a block is this pass's until it asks for the next (a fresh array, or a buffer
+            # of the streamed source's ring), and a second block-sized tensor per block is what
+            # pushed a streamed fit past its memory budget.
             yield r, t.sub_(self.mean).mul_(self.inv)
 
     def evaluate(self, theta: Params) -> None:
